@@ -1,0 +1,1060 @@
+"""BEAR (Bootstrapping Error Accumulation Reduction, Kumar et al. 2019) on D4RL MuJoCo data, in one file.
+
+    python bear-train.py --dataset=walker2d-random-v2 --seed=0 --gpu=0
+
+Reads top to bottom in the order of the data's path: hyperparameters, data, networks, the BEAR update,
+evaluation, run bookkeeping (logs, checkpoints, plots, seed tables), main. Importing it runs nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def hp(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+# ============================================================================================== hyperparameters
+@dataclass
+class Config:
+    # run
+    dataset: str = hp("walker2d-random-v2", "D4RL MuJoCo name (v0/v1/v2) or path to an HDF5 file in D4RL's layout")
+    env: str = hp("", "gymnasium environment for evaluation; empty = from the dataset (e.g. Walker2d-v4)")
+    seed: int = hp(0, "seeds python, numpy, torch and the evaluation environments")
+    gpu: int = hp(0, "CUDA device index; -1 = CPU (falls back to the CPU with a warning when CUDA is absent)")
+    max_steps: int = hp(1_000_000, "gradient steps")
+    warmup_steps: int = hp(40_000, "first steps in which the actor minimises only the MMD constraint")
+    batch_size: int = hp(256, "transitions per gradient step, sampled uniformly with replacement")
+    # BEAR
+    gamma: float = hp(0.99, "discount")
+    tau: float = hp(0.005, "Polyak rate of the target critics")
+    num_critics: int = hp(2, "K, members of the Q ensemble")
+    lam: float = hp(0.75, "lambda: target = lam*min_k + (1-lam)*max_k over the target ensemble")
+    num_target_samples: int = hp(10, "actions drawn from the actor per next state; the target takes their max")
+    actor_q: str = hp("min", "actor's Q term: 'min' (min_k Q_k) or 'mean_var' (mean_k Q_k - var_penalty*var_k Q_k)")
+    var_penalty: float = hp(0.0, "tau_var of the 'mean_var' actor rule")
+    kernel: str = hp("auto", "MMD kernel: laplacian | gaussian | auto (gaussian for halfcheetah, else laplacian)")
+    mmd_sigma: float = hp(20.0, "kernel bandwidth sigma (not squared)")
+    mmd_samples: int = hp(4, "n, samples from the behaviour model and the actor per state for the MMD")
+    epsilon: float = hp(0.05, "MMD threshold of the support constraint")
+    log_alpha_init: float = hp(0.0, "initial log alpha of the Lagrange dual variable")
+    log_alpha_min: float = hp(-5.0, "log alpha is clamped to [log_alpha_min, log_alpha_max] after every update")
+    log_alpha_max: float = hp(10.0, "upper clamp of log alpha (alpha <= e^10)")
+    # networks and optimisers
+    actor_hidden: int = hp(256, "width of the actor's two hidden layers")
+    critic_hidden: int = hp(256, "width of each critic's two hidden layers")
+    vae_hidden: int = hp(750, "width of the behaviour VAE's encoder and decoder hidden layers; latent = 2*|A|")
+    vae_kl_weight: float = hp(0.5, "weight of the KL term in the VAE loss")
+    actor_lr: float = hp(1e-4, "Adam learning rate of the actor")
+    critic_lr: float = hp(3e-4, "Adam learning rate of the critics")
+    vae_lr: float = hp(3e-4, "Adam learning rate of the behaviour VAE")
+    alpha_lr: float = hp(1e-3, "Adam learning rate of log alpha")
+    # evaluation and logging
+    eval_every: int = hp(5_000, "evaluate every this many steps, and at the end")
+    eval_episodes: int = hp(10, "episodes per evaluation, run side by side")
+    eval_candidates: int = hp(100, "actions sampled per state at evaluation; the highest ensemble-mean Q is taken")
+    log_every: int = hp(1_000, "steps per metrics.csv row (means over the interval)")
+    log_dir: str = hp("runs", "folder that holds one folder per run")
+    run_name: str = hp("", "name of the run folder; empty = <dataset>__seed<seed>")
+    resume: bool = hp(False, "continue the run in its folder from the newest checkpoint")
+    compile: bool = hp(False, "torch.compile the update (with CUDA: CUDA graphs)")
+    regen_steps: int = hp(1_000_000, "environment steps when a random dataset must be regenerated offline")
+    wandb: bool = hp(False, "also log to Weights & Biases (needs the wandb package)")
+    summarize: str = hp("", "print seed tables and curves for the runs under this folder, then exit")
+
+
+# Constants of the algorithm (spec section 1), not meant to be tuned.
+VAE_LOG_STD_RANGE = (-4.0, 15.0)
+VAE_LATENT_CLIP = 0.5  # z ~ N(0, I) clipped element-wise when sampling the behaviour model
+ACTOR_LOG_STD_RANGE = (-20.0, 2.0)
+MMD_JITTER = 1e-6  # MMD = sqrt(MMD^2 + 1e-6)
+
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 1, 75, 130
+
+
+class UserError(Exception):
+    """Bad input: reported as one line, exit code 2, no traceback."""
+
+
+# ============================================================================================== D4RL data
+D4RL_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
+BASE_URL_ENV = "BEAR_D4RL_BASE_URL"  # override (e.g. a local mirror); tests serve files from 127.0.0.1
+ENVS = {  # env: (gymnasium id, obs dim, act dim, normalisation min, max)
+    "halfcheetah": ("HalfCheetah-v4", 17, 6, -280.178953, 12135.0),
+    "hopper": ("Hopper-v4", 11, 3, -20.272305, 3234.3),
+    "walker2d": ("Walker2d-v4", 17, 6, 1.629008, 4592.3),
+    "ant": ("Ant-v4", 27, 8, -325.6, 3879.7),
+}
+KINDS = ["random", "medium", "expert", "medium-replay", "medium-expert", "full-replay"]
+V2_SIZES = {  # published byte sizes of the v2 files
+    "walker2d": [216109364, 232254996, 230567195, 86323963, 462197079, 285115514],
+    "hopper": [152525345, 152756557, 152427435, 75854457, 304537315, 187998921],
+    "halfcheetah": [237338037, 237727262, 237464597, 59448533, 474567252, 291381762],
+    "ant": [384466831, 376239825, 373231677, 136482252, 748335217, 449390167],
+}
+KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+# gymnasium flags every *-v4 MuJoCo env as out of date; v4 is deliberate (v5 changed the models, see README).
+warnings.filterwarnings("ignore", message=r".*is out of date. You should consider upgrading to version `v5`")
+ALL_NAMES = [f"{e}-{k}-v{v}" for e in ENVS for k in KINDS for v in (0, 1, 2) if v == 2 or k != "full-replay"]
+
+
+@dataclass
+class DatasetSpec:
+    name: str  # D4RL name, or the file's stem for a path
+    env: str  # walker2d, hopper, ...
+    path: Path  # where the file is (or will be)
+    url: str = ""  # D4RL's URL; empty for a user's path
+    size: int | None = None  # published byte size, when known
+    kind: str = ""  # random, medium, ...
+
+
+def d4rl_dir() -> Path:
+    return Path(os.environ.get("D4RL_DATASET_DIR") or Path.home() / ".d4rl" / "datasets")
+
+
+def resolve_dataset(dataset: str, env_override: str = "") -> DatasetSpec:
+    """A D4RL name -> its file name, URL and cache path (D4RL names the cached file after the URL's last part)."""
+    m = re.fullmatch(r"(halfcheetah|hopper|walker2d|ant)-(.+)-v([012])", dataset)
+    if m and m[2] in KINDS and dataset in ALL_NAMES:
+        env, kind, version = m[1], m[2], int(m[3])
+        if version == 2:
+            rel = f"gym_mujoco_v2/{env}_{kind.replace('-', '_')}-v2.hdf5"
+        elif version == 1:
+            rel = f"gym_mujoco_v1/{env}_{kind.replace('-', '_')}-v1.hdf5"
+        else:
+            stem = {"medium-replay": f"{'walker' if env == 'walker2d' else env}_mixed"}.get(kind, f"{env}_{kind.replace('-', '_')}")
+            rel = f"gym_mujoco/{stem}.hdf5"
+        base = os.environ.get(BASE_URL_ENV) or D4RL_BASE_URL
+        size = V2_SIZES[env][KINDS.index(kind)] if version == 2 else None
+        return DatasetSpec(dataset, env, d4rl_dir() / rel.split("/")[-1], f"{base.rstrip('/')}/{rel}", size, kind)
+    path = Path(dataset).expanduser()
+    if dataset.endswith((".hdf5", ".h5")) or os.sep in dataset:
+        if not path.is_file():
+            raise UserError(f"dataset file {path} does not exist; give an existing HDF5 file or a D4RL name such as walker2d-random-v2")
+        env = env_override or next((e for e in sorted(ENVS, key=len, reverse=True) if e in path.name.lower()), "")
+        if env not in ENVS:
+            raise UserError(f"cannot tell the environment of {path.name}; pass --env=walker2d (or hopper, halfcheetah, ant)")
+        return DatasetSpec(path.stem, env, path)
+    close = difflib.get_close_matches(dataset, ALL_NAMES, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}?" if close else "expected <env>-<dataset>-v2 such as walker2d-random-v2, or a path to an HDF5 file"
+    raise UserError(f"unknown dataset '{dataset}': {hint}")
+
+
+def download(url: str, dest: Path, expected_size: int | None) -> None:
+    """Download to dest.part (resuming it with an HTTP Range request), check the size, then rename into place."""
+    from tqdm import tqdm
+
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code != 416:  # 416: the partial file is already complete (or longer than the file)
+            raise
+        response, have = urllib.request.urlopen(url, timeout=60), 0
+    with response:
+        if have and response.status != 206:  # the server ignored the Range request: start over
+            have = 0
+        total = int(response.headers.get("Content-Length", 0)) + have or expected_size
+        with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                           desc=f"downloading {dest.name}") as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+    got = part.stat().st_size
+    if expected_size is not None and got != expected_size:
+        part.unlink()
+        raise OSError(f"downloaded {got} bytes of {url}, expected {expected_size}")
+    os.replace(part, dest)
+
+
+def check_file(path: Path, env: str) -> None:
+    """Structural checks of a D4RL-layout file; raises UserError naming the first problem."""
+    import h5py
+
+    obs_dim, act_dim = ENVS[env][1:3]
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise UserError(f"{path} is not a readable HDF5 file; delete it so that it is downloaded again, or replace it")
+    with f:
+        missing = [k for k in KEYS if k not in f]
+        if missing:
+            raise UserError(f"{path} lacks the key(s) {', '.join(missing)} of D4RL's layout; replace the file")
+        lengths = {k: f[k].shape[0] for k in KEYS}
+        if len(set(lengths.values())) != 1:
+            raise UserError(f"{path} has arrays of inconsistent length ({lengths}); replace the file")
+        if f["observations"].ndim != 2 or f["observations"].shape[1] != obs_dim:
+            raise UserError(f"{path}: observations have shape {f['observations'].shape}, {env} needs (N, {obs_dim}); "
+                            "check --dataset/--env")
+        if f["actions"].ndim != 2 or f["actions"].shape[1] != act_dim:
+            raise UserError(f"{path}: actions have shape {f['actions'].shape}, {env} needs (N, {act_dim}); check --dataset/--env")
+        if lengths["observations"] < 2:
+            raise UserError(f"{path} holds fewer than 2 rows; replace the file")
+        for key in ("observations", "actions", "rewards"):
+            values = f[key][()].reshape(lengths[key], -1)
+            bad = ~np.isfinite(values).all(axis=1)
+            if bad.any():
+                raise UserError(f"{path}: {key} has a non-finite value in row {int(np.argmax(bad))}; replace the file")
+
+
+def load_transitions(path: Path) -> dict[str, np.ndarray]:
+    """D4RL's q-learning transitions: next state = observations[i+1], done = terminals[i]; rows that time out
+    (their successor starts the next episode) and the last row are dropped."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        data = {k: f[k][()] for k in KEYS}
+    n = len(data["observations"])
+    terminals = data["terminals"].reshape(n).astype(bool)
+    timeouts = data["timeouts"].reshape(n).astype(bool)
+    keep = np.flatnonzero(~timeouts[:-1])  # [M] indices i in 0..N-2 whose successor is in the same episode
+    return {
+        "observations": data["observations"][keep].astype(np.float32),
+        "actions": data["actions"][keep].astype(np.float32),
+        "rewards": data["rewards"].reshape(n)[keep].astype(np.float32),
+        "next_observations": data["observations"][keep + 1].astype(np.float32),
+        "terminals": terminals[keep].astype(np.float32),
+    }
+
+
+def regenerated_path(spec: DatasetSpec, steps: int) -> Path:
+    """A name D4RL never uses, so the regenerated file cannot be mistaken for the published one."""
+    suffix = "" if steps == 1_000_000 else f"_{steps}steps"
+    return d4rl_dir() / f"bear-regenerated_{spec.path.stem}_{ENVS[spec.env][0]}{suffix}.hdf5"
+
+
+def _random_rollout(args: tuple[str, int, int]) -> dict[str, np.ndarray]:
+    """One worker of the regeneration: uniform random actions, episodes capped by the env's 1000-step limit."""
+    import gymnasium as gym
+
+    env_id, steps, seed = args
+    env = gym.make(env_id)
+    env.action_space.seed(seed)
+    obs, _ = env.reset(seed=seed)
+    out = {"observations": np.empty((steps, env.observation_space.shape[0]), np.float32),
+           "actions": np.empty((steps, env.action_space.shape[0]), np.float32),
+           "next_observations": np.empty((steps, env.observation_space.shape[0]), np.float32),
+           "rewards": np.empty(steps, np.float32), "terminals": np.zeros(steps, bool), "timeouts": np.zeros(steps, bool)}
+    for i in range(steps):
+        action = env.action_space.sample()
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        out["observations"][i], out["actions"][i], out["next_observations"][i] = obs, action, next_obs
+        out["rewards"][i], out["terminals"][i], out["timeouts"][i] = reward, terminated, truncated and not terminated
+        obs = env.reset()[0] if terminated or truncated else next_obs
+    out["timeouts"][-1] |= not out["terminals"][-1]  # the chunk ends mid-episode: a truncation, not a termination
+    return out
+
+
+def regenerate_random(spec: DatasetSpec, steps: int, dest: Path, workers: int = 2) -> None:
+    """D4RL's recipe for *-random-*: uniform random actions for `steps` steps, split over the CPU cores."""
+    import h5py
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunks = [steps // workers + (w < steps % workers) for w in range(workers)]
+    jobs = [(ENVS[spec.env][0], n, 10_007 * w) for w, n in enumerate(chunks) if n > 0]
+    if len(jobs) > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_random_rollout, jobs))
+    else:
+        parts = [_random_rollout(jobs[0])]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key in parts[0]:
+                f.create_dataset(key, data=np.concatenate([p[key] for p in parts]), compression="gzip", compression_opts=1)
+            f.attrs["source"] = f"regenerated by bear-train.py: uniform random actions in gymnasium {ENVS[spec.env][0]}"
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def find_dataset(cfg: Config) -> tuple[Path, str, str, list[str]]:
+    """Returns (file, env, source, notes); source is one of cache, download, file, regenerated."""
+    spec = resolve_dataset(cfg.dataset, cfg.env)
+    notes = []
+    if not spec.url:
+        check_file(spec.path, spec.env)
+        return spec.path, spec.env, "file", notes
+    if spec.path.exists():
+        check_file(spec.path, spec.env)
+        size = spec.path.stat().st_size
+        if spec.size is not None and size != spec.size:
+            notes.append(f"{spec.path} is {size} bytes, D4RL publishes {spec.size}: scores may not match published ones")
+            warn(notes[-1])
+        return spec.path, spec.env, "cache", notes
+    try:
+        download(spec.url, spec.path, spec.size)
+        check_file(spec.path, spec.env)
+        return spec.path, spec.env, "download", notes
+    except (OSError, urllib.error.URLError) as e:
+        reason = getattr(e, "reason", e)
+        if spec.kind != "random":
+            raise UserError(f"could not download {spec.url} ({reason}); download it by hand and place it at {spec.path}")
+        regen = regenerated_path(spec, cfg.regen_steps)
+        notes.append(f"could not download {spec.url} ({reason}); training on {regen.name}, REGENERATED offline by "
+                     f"D4RL's random recipe in gymnasium {ENVS[spec.env][0]}: scores are NOT comparable with published tables")
+        warn(notes[-1], loud=True)
+        if not regen.exists():
+            t0 = time.time()
+            print(f"regenerating {cfg.regen_steps} random steps on 2 cores ...", flush=True)
+            regenerate_random(spec, cfg.regen_steps, regen)
+            print(f"regenerated {regen} in {time.time() - t0:.0f} s", flush=True)
+        check_file(regen, spec.env)
+        return regen, spec.env, "regenerated", notes
+
+
+class ReplayBuffer:
+    """All transitions on the training device, filled once; sampling never leaves the device."""
+
+    def __init__(self, data: dict[str, np.ndarray], device: torch.device):
+        self.obs = torch.as_tensor(data["observations"], device=device)  # [N, S]
+        self.act = torch.as_tensor(data["actions"], device=device)  # [N, A]
+        self.rew = torch.as_tensor(data["rewards"], device=device)  # [N]
+        self.next_obs = torch.as_tensor(data["next_observations"], device=device)  # [N, S]
+        self.done = torch.as_tensor(data["terminals"], device=device)  # [N]
+        self.size = len(self.obs)
+
+    def sample(self, batch_size: int):
+        idx = torch.randint(self.size, (batch_size,), device=self.obs.device)
+        return self.obs[idx], self.act[idx], self.rew[idx], self.next_obs[idx], self.done[idx]
+
+
+# ============================================================================================== networks
+def mlp_trunk(inp: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+
+
+class StateFirstLayer(nn.Module):
+    """Linear([s, x]) computed as W_s s + W_x x, so that n samples x per state share the state part."""
+
+    def __init__(self, state_dim: int, other_dim: int, out: int):
+        super().__init__()
+        self.state_dim = state_dim
+        self.linear = nn.Linear(state_dim + other_dim, out)  # initialised exactly like the concatenated layer
+
+    def forward(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # s [B, S], x [B, n, X] -> [B, n, H]
+        w = self.linear.weight
+        return F.linear(x, w[:, self.state_dim:]) + F.linear(s, w[:, :self.state_dim], self.linear.bias)[:, None]
+
+
+class VAE(nn.Module):
+    """Behaviour model G: a conditional VAE whose decoder output is the raw (pre-tanh) action."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden: int):
+        super().__init__()
+        self.latent_dim = 2 * action_dim
+        self.encoder = mlp_trunk(state_dim + action_dim, hidden)
+        self.mean = nn.Linear(hidden, self.latent_dim)
+        self.log_std = nn.Linear(hidden, self.latent_dim)
+        self.dec_in = StateFirstLayer(state_dim, self.latent_dim, hidden)
+        self.decoder = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, action_dim))
+
+    def decode_raw(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # s [B, S], z [B, n, L] -> [B, n, A]
+        return self.decoder(self.dec_in(s, z))
+
+    def sample_raw(self, s: torch.Tensor, n: int) -> torch.Tensor:  # [B, n, A] raw actions of the behaviour model
+        z = torch.randn(s.shape[0], n, self.latent_dim, device=s.device).clamp(-VAE_LATENT_CLIP, VAE_LATENT_CLIP)
+        return self.decode_raw(s, z)
+
+    def loss(self, s: torch.Tensor, a: torch.Tensor, kl_weight: float) -> torch.Tensor:
+        h = self.encoder(torch.cat([s, a], -1))
+        mean, log_std = self.mean(h), self.log_std(h).clamp(*VAE_LOG_STD_RANGE)
+        std = log_std.exp()
+        z = mean + std * torch.randn_like(std)  # [B, L]
+        recon = torch.tanh(self.decode_raw(s, z[:, None]))[:, 0]  # [B, A]
+        kl = -0.5 * (1 + 2 * log_std - mean.pow(2) - std.pow(2)).mean()
+        return F.mse_loss(recon, a) + kl_weight * kl
+
+
+class Actor(nn.Module):
+    """pi: tanh-squashed Gaussian. Samples are returned pre-tanh (u); the action is tanh(u)."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden: int):
+        super().__init__()
+        self.trunk = mlp_trunk(state_dim, hidden)
+        self.mu = nn.Linear(hidden, action_dim)
+        self.log_std = nn.Linear(hidden, action_dim)
+
+    def sample(self, s: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        h = self.trunk(s)
+        mu, std = self.mu(h), self.log_std(h).clamp(*ACTOR_LOG_STD_RANGE).exp()  # [B, A]
+        eps = torch.randn(s.shape[0], n, mu.shape[-1], device=s.device, generator=generator)
+        return mu[:, None] + std[:, None] * eps  # [B, n, A], reparameterised
+
+
+class QEnsemble(nn.Module):
+    """K critics (s, a) -> 256 -> 256 -> 1 as one module with weights [K, in, out]. Accepts n actions per state
+    ([B, n, A]) and computes the state part of the first layer once per state."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden: int, k: int):
+        super().__init__()
+        self.state_dim = state_dim
+        shapes = [(state_dim + action_dim, hidden), (hidden, hidden), (hidden, 1)]
+        self.weights = nn.ParameterList([nn.Parameter(torch.empty(k, i, o)) for i, o in shapes])
+        self.biases = nn.ParameterList([nn.Parameter(torch.empty(k, 1, o)) for _, o in shapes])
+        for w, b in zip(self.weights, self.biases):  # nn.Linear's default init, member by member
+            bound = 1 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:  # s [B, S], a [B, A] or [B, n, A]
+        single = a.dim() == 2
+        if single:
+            a = a[:, None]
+        (b, n, _), k = a.shape, self.weights[0].shape[0]
+        w1, w2, w3 = self.weights
+        b1, b2, b3 = self.biases
+        hs = torch.baddbmm(b1, s.expand(k, -1, -1), w1[:, :self.state_dim])  # [K, B, H]
+        ha = torch.bmm(a.reshape(1, b * n, -1).expand(k, -1, -1), w1[:, self.state_dim:])  # [K, B*n, H]
+        h = F.relu(ha.view(k, b, n, -1) + hs[:, :, None]).view(k, b * n, -1)
+        h = F.relu(torch.baddbmm(b2, h, w2))
+        q = torch.baddbmm(b3, h, w3).view(k, b, n)  # [K, B, n]
+        return q[..., 0] if single else q
+
+
+# ============================================================================================== BEAR equations
+def laplacian_kernel(x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
+    """k(x, y) = exp(-||x - y||_1 / (2 sigma)) for all pairs: x [B, n, A], y [B, m, A] -> [B, n, m]."""
+    return torch.exp(-(x[:, :, None] - y[:, None]).abs().sum(-1) / (2 * sigma))
+
+
+def gaussian_kernel(x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
+    """k(x, y) = exp(-||x - y||_2^2 / (2 sigma)) for all pairs: x [B, n, A], y [B, m, A] -> [B, n, m]."""
+    return torch.exp(-(x[:, :, None] - y[:, None]).pow(2).sum(-1) / (2 * sigma))
+
+
+KERNELS = {"laplacian": laplacian_kernel, "gaussian": gaussian_kernel}
+
+
+def mmd(x: torch.Tensor, y: torch.Tensor, kernel, sigma: float) -> torch.Tensor:
+    """MMD(s) = sqrt(mean k(x,x') + mean k(y,y') - 2 mean k(x,y) + 1e-6), means over all n x n pairs. -> [B]"""
+    mmd2 = kernel(x, x, sigma).mean((1, 2)) + kernel(y, y, sigma).mean((1, 2)) - 2 * kernel(x, y, sigma).mean((1, 2))
+    return torch.sqrt(mmd2 + MMD_JITTER)
+
+
+def critic_target(q_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, lam: float, gamma: float) -> torch.Tensor:
+    """q_next [K, B, N_t]: y = r + gamma (1 - d) max_j [lam min_k Q_k + (1 - lam) max_k Q_k]. -> [B]"""
+    mixed = lam * q_next.min(0).values + (1 - lam) * q_next.max(0).values  # [B, N_t]
+    return reward + gamma * (1 - done) * mixed.max(1).values
+
+
+def actor_q_term(q: torch.Tensor, rule: str, var_penalty: float) -> torch.Tensor:
+    """q [K, B] -> Q_hat [B]: min_k Q_k, or mean_k Q_k - tau_var var_k Q_k."""
+    if rule == "min":
+        return q.min(0).values
+    return q.mean(0) - var_penalty * q.var(0, unbiased=False)
+
+
+def dual_loss(log_alpha: torch.Tensor, mmd_value: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """-alpha (mean_B MMD - eps), on the actor's MMD detached: alpha grows while MMD > eps, shrinks below."""
+    return -(log_alpha.exp() * (mmd_value.detach().mean() - epsilon))
+
+
+METRICS = ["vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "mmd", "q_mean"]
+LOSSES = METRICS[:4]
+
+
+class BEAR:
+    def __init__(self, cfg: Config, state_dim: int, action_dim: int, kernel: str, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.kernel = KERNELS[kernel]
+        self.vae = VAE(state_dim, action_dim, cfg.vae_hidden).to(device)
+        self.actor = Actor(state_dim, action_dim, cfg.actor_hidden).to(device)
+        self.critics = QEnsemble(state_dim, action_dim, cfg.critic_hidden, cfg.num_critics).to(device)
+        self.target_critics = QEnsemble(state_dim, action_dim, cfg.critic_hidden, cfg.num_critics).to(device)
+        self.target_critics.load_state_dict(self.critics.state_dict())
+        self.target_critics.requires_grad_(False)
+        self.log_alpha = torch.tensor(cfg.log_alpha_init, device=device, requires_grad=True)
+        self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=cfg.vae_lr)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
+        self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=cfg.critic_lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
+        # Device-side bookkeeping, read back once per logging interval: no host sync inside update().
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+        self.metric_sum = torch.zeros(len(METRICS), device=device)
+        self.first_nonfinite = torch.full((len(LOSSES),), -1, dtype=torch.long, device=device)
+        self.update = torch.compile(self._update, mode="reduce-overhead" if device.type == "cuda" else None) \
+            if cfg.compile else self._update
+
+    def _update(self, batch, warmup: bool) -> None:
+        cfg = self.cfg
+        s, a, r, s2, d = batch  # [B, S], [B, A], [B], [B, S], [B]
+
+        # 1. behaviour model: MSE(tanh(dec(s, z)), a) + 0.5 KL
+        vae_loss = self.vae.loss(s, a, cfg.vae_kl_weight)
+        self.vae_opt.zero_grad(set_to_none=True)
+        vae_loss.backward()
+        self.vae_opt.step()
+
+        # 2. critic target from N_t actions of the current actor at s'
+        with torch.no_grad():
+            a2 = torch.tanh(self.actor.sample(s2, cfg.num_target_samples))  # [B, N_t, A]
+            y = critic_target(self.target_critics(s2, a2), r, d, cfg.lam, cfg.gamma)  # [B]
+
+        # 3. critics: sum_k mean_B (Q_k(s, a) - y)^2
+        q = self.critics(s, a)  # [K, B]
+        critic_loss = (q - y).pow(2).mean(1).sum()
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_opt.step()
+
+        # 4. actor: alpha (MMD - eps), plus -Q_hat after warm-up; n samples for the MMD and one more for Q
+        u = self.actor.sample(s, cfg.mmd_samples + 1)  # [B, n+1, A] pre-tanh
+        with torch.no_grad():
+            x = self.vae.sample_raw(s, cfg.mmd_samples)  # [B, n, A] pre-tanh
+        mmd_value = mmd(x, u[:, :-1], self.kernel, cfg.mmd_sigma)  # [B]
+        alpha = self.log_alpha.detach().exp()
+        actor_loss = (alpha * (mmd_value - cfg.epsilon)).mean()
+        if not warmup:  # a Python bool from the step counter, not a tensor value
+            self.critics.requires_grad_(False)  # input gradients only; the critics' parameters get none
+            q_pi = self.critics(s, torch.tanh(u[:, -1]))  # [K, B]
+            self.critics.requires_grad_(True)
+            actor_loss = actor_loss - actor_q_term(q_pi, cfg.actor_q, cfg.var_penalty).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+
+        # 5. dual step on log alpha with the actor's MMD (detached), then the clamp
+        alpha_loss = dual_loss(self.log_alpha, mmd_value, cfg.epsilon)
+        self.alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_opt.step()
+        with torch.no_grad():
+            self.log_alpha.clamp_(cfg.log_alpha_min, cfg.log_alpha_max)
+
+            # 6. Polyak-average the target critics
+            torch._foreach_lerp_(list(self.target_critics.parameters()), list(self.critics.parameters()), cfg.tau)
+
+            self.step += 1
+            losses = torch.stack([vae_loss, critic_loss, actor_loss, alpha_loss]).detach()
+            self.metric_sum += torch.cat([losses, torch.stack([self.log_alpha.exp(), mmd_value.mean(), q.mean()]).detach()])
+            bad = ~torch.isfinite(losses) & (self.first_nonfinite < 0)
+            self.first_nonfinite.copy_(torch.where(bad, self.step, self.first_nonfinite))
+
+    @torch.no_grad()
+    def act(self, s: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Evaluation action: of n candidates from pi, the one with the highest ensemble-mean Q. s [E, S] -> [E, A]"""
+        candidates = torch.tanh(self.actor.sample(s, self.cfg.eval_candidates, generator))  # [E, n, A]
+        best = self.critics(s, candidates).mean(0).argmax(1)  # [E]
+        return candidates[torch.arange(len(s), device=s.device), best]
+
+    def modules(self) -> dict:
+        return {"vae": self.vae, "actor": self.actor, "critics": self.critics, "target_critics": self.target_critics,
+                "vae_opt": self.vae_opt, "actor_opt": self.actor_opt, "critic_opt": self.critic_opt,
+                "alpha_opt": self.alpha_opt}
+
+    def state_dict(self) -> dict:
+        state = {name: m.state_dict() for name, m in self.modules().items()}
+        state.update(log_alpha=self.log_alpha.detach().clone(), step=self.step.clone(), metric_sum=self.metric_sum.clone(),
+                     first_nonfinite=self.first_nonfinite.clone())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, m in self.modules().items():
+            m.load_state_dict(state[name])
+        with torch.no_grad():
+            for name in ("log_alpha", "step", "metric_sum", "first_nonfinite"):
+                getattr(self, name).copy_(state[name])
+
+
+# ============================================================================================== evaluation
+def normalized_score(env: str, ret: float) -> float:
+    lo, hi = ENVS[env][3:5]
+    return 100 * (ret - lo) / (hi - lo)
+
+
+class Evaluator:
+    """`episodes` environments stepped side by side; every evaluation restarts them from the same seeds, so an
+    evaluation depends only on the networks and the step (nothing to carry across a resume)."""
+
+    def __init__(self, env_id: str, episodes: int, seed: int):
+        import gymnasium as gym
+
+        self.envs = [gym.make(env_id) for _ in range(episodes)]
+        self.seeds = [10_000 + 1_000 * seed + i for i in range(episodes)]
+
+    @torch.no_grad()
+    def run(self, agent: BEAR, generator: torch.Generator) -> np.ndarray:
+        obs = np.stack([env.reset(seed=s)[0] for env, s in zip(self.envs, self.seeds)])
+        returns, active = np.zeros(len(self.envs)), np.ones(len(self.envs), bool)
+        while active.any():
+            live = np.flatnonzero(active)
+            s = torch.as_tensor(obs[live], dtype=torch.float32, device=agent.device)
+            actions = agent.act(s, generator).cpu().numpy()  # all environments' candidates in one forward pass
+            for i, action in zip(live, actions):
+                obs[i], reward, terminated, truncated, _ = self.envs[i].step(action)
+                returns[i] += reward
+                active[i] = not (terminated or truncated)
+        return returns
+
+
+# ============================================================================================== run bookkeeping
+def warn(message: str, loud: bool = False) -> None:
+    if loud:
+        bar = "!" * 100
+        print(f"{bar}\n!!! WARNING: {message}\n{bar}", file=sys.stderr, flush=True)
+    else:
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(file) into a temporary file beside path, flush, fsync, rename: path is never half-written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
+
+
+CSV_FIELDS = ["step"] + METRICS + ["eval_return", "eval_normalized_score"]
+RESUMABLE = {"max_steps", "resume", "compile", "gpu", "wandb", "log_dir", "summarize"}  # may change on --resume
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("checkpoint-*.pt"))
+
+
+def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
+    path = run_dir / f"checkpoint-{state['step']:09d}.pt"
+    atomic_write(path, lambda f: torch.save(state, f))
+    for old in checkpoints(run_dir)[:-keep]:
+        old.unlink()
+    return path
+
+
+def plot_curves(rows: list[dict], path: Path, title: str) -> None:
+    """Learning curves of one run: normalised score, alpha, mean MMD and critic loss against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    panels = [("eval_normalized_score", "normalised score"), ("alpha", "alpha"), ("mmd", "mean MMD"),
+              ("critic_loss", "critic loss")]
+    for ax, (key, label) in zip(axes, panels):
+        points = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key.startswith("eval") else None, markersize=3)
+        ax.set_title(label)
+        ax.set_xlabel("gradient steps")
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    plt.close(fig)
+
+
+class Logger:
+    """metrics.csv (the record), TensorBoard events, the curves PNG and optional Weights & Biases."""
+
+    def __init__(self, run_dir: Path, cfg: Config, csv_offset: int | None, title: str):
+        self.run_dir, self.title = run_dir, title
+        path = run_dir / "metrics.csv"
+        if csv_offset is None:
+            path.write_text(",".join(CSV_FIELDS) + "\n")
+        else:
+            with open(path, "r+b") as f:  # drop rows written after the checkpoint: they will be written again
+                f.truncate(csv_offset)
+        self.csv = open(path, "a", newline="")
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir), purge_step=None if csv_offset is None else self._last_step() + 1)
+            table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(cfg).items())
+            self.tb.add_text("hyperparameters", "|name|value|\n|-|-|\n" + table)
+        except ImportError:
+            warn("tensorboard is not installed: no TensorBoard events (pip install -r requirements.txt)")
+        self.wandb = None
+        if cfg.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project="bear", name=run_dir.name, dir=str(run_dir), config=dataclasses.asdict(cfg),
+                                    resume="allow", id=re.sub(r"[^\w-]", "_", str(run_dir.resolve()))[-64:])
+
+    def rows(self) -> list[dict]:
+        with open(self.run_dir / "metrics.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    def _last_step(self) -> int:
+        rows = self.rows()
+        return int(rows[-1]["step"]) if rows else 0
+
+    def write(self, step: int, values: dict, steps_per_second: float) -> None:
+        self.csv.write(",".join(f"{values[k]:.9g}" if k in values else "" for k in ["step"] + CSV_FIELDS[1:]) + "\n")
+        self.csv.flush()
+        scalars = {f"{'losses' if k in LOSSES else 'eval' if k.startswith('eval') else 'charts'}/{k}": v
+                   for k, v in values.items() if k != "step"}
+        scalars["charts/steps_per_second"] = steps_per_second
+        if self.tb:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(scalars, step=step)
+        if "eval_return" in values:
+            if self.tb:
+                self.tb.flush()
+            plot_curves(self.rows(), self.run_dir / "curves.png", self.title)
+
+    def offset(self) -> int:
+        return self.csv.tell()
+
+    def close(self) -> None:
+        self.csv.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+class Diverged(Exception):
+    pass
+
+
+class Stop(Exception):
+    def __init__(self, code: int):
+        self.code = code
+
+
+# ============================================================================================== seed tables
+def summarize(root: Path) -> str:
+    """Markdown table of final and best normalised score (mean +- std over seeds) per dataset, and a PNG of the
+    mean +- std curves per dataset, for every run folder under root."""
+    runs = {}
+    for config_path in sorted(root.rglob("config.json")):
+        run_dir = config_path.parent
+        config = json.loads(config_path.read_text())
+        results_path = run_dir / "results.json"
+        with open(run_dir / "metrics.csv", newline="") as f:
+            evals = [(int(r["step"]), float(r["eval_normalized_score"])) for r in csv.DictReader(f) if r["eval_normalized_score"]]
+        if not evals:
+            continue
+        finished = results_path.exists()
+        runs.setdefault(config["dataset"], []).append(
+            {"seed": config["seed"], "evals": evals, "finished": finished, "source": config.get("dataset_source", "?")})
+    if not runs:
+        raise UserError(f"no runs with an evaluation under {root}; point --summarize at a --log-dir")
+    lines = ["| dataset | seeds | steps | final normalised score | best normalised score | notes |", "|---|---|---|---|---|---|"]
+    for dataset, group in sorted(runs.items()):
+        final = np.array([r["evals"][-1][1] for r in group])
+        best = np.array([max(v for _, v in r["evals"]) for r in group])
+        steps = sorted({r["evals"][-1][0] for r in group})
+        notes = []
+        if any(not r["finished"] for r in group):
+            notes.append(f"{sum(not r['finished'] for r in group)} unfinished (latest evaluation used)")
+        if any(r["source"] == "regenerated" for r in group):
+            notes.append("REGENERATED data: not comparable with published tables")
+        lines.append(f"| {dataset} | {len(group)} | {'/'.join(map(str, steps))} | {final.mean():.1f} ± {final.std():.1f} | "
+                     f"{best.mean():.1f} ± {best.std():.1f} | {'; '.join(notes)} |")
+        plot_seed_curves(dataset, group, root / f"summary_{dataset.replace(os.sep, '_')}.png")
+    table = "\n".join(lines) + "\n\nstd over seeds (numpy, ddof=0); final = last evaluation, best = max over evaluations.\n"
+    (root / "summary.md").write_text(table)
+    return table
+
+
+def plot_seed_curves(dataset: str, group: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    common = sorted(set.intersection(*[{s for s, _ in r["evals"]} for r in group]))
+    scores = np.array([[dict(r["evals"])[s] for s in common] for r in group])  # [seeds, evals]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    mean, std = scores.mean(0), scores.std(0)
+    ax.plot(common, mean, marker="o", markersize=3)
+    ax.fill_between(common, mean - std, mean + std, alpha=0.3)
+    ax.set(title=f"BEAR {dataset}: mean ± std over {len(group)} seeds", xlabel="gradient steps", ylabel="normalised score")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    plt.close(fig)
+
+
+# ============================================================================================== main
+def validate(cfg: Config) -> None:
+    for name in ("max_steps", "batch_size", "num_critics", "num_target_samples", "mmd_samples", "eval_every",
+                 "eval_episodes", "eval_candidates", "log_every", "actor_hidden", "critic_hidden", "vae_hidden"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be a positive whole number")
+    if cfg.warmup_steps < 0:
+        raise UserError(f"--warmup-steps={cfg.warmup_steps} must be 0 or more")
+    if cfg.regen_steps < 2:
+        raise UserError(f"--regen-steps={cfg.regen_steps} must be at least 2")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name.replace('_', '-')}={value} must be a finite number")
+    for name, lo, hi in (("gamma", 0, 1), ("lam", 0, 1), ("tau", 1e-12, 1), ("actor_lr", 1e-12, 1e3),
+                         ("critic_lr", 1e-12, 1e3), ("vae_lr", 1e-12, 1e3), ("alpha_lr", 1e-12, 1e3),
+                         ("mmd_sigma", 1e-12, math.inf), ("epsilon", 0, math.inf), ("var_penalty", 0, math.inf)):
+        if not lo <= getattr(cfg, name) <= hi:
+            raise UserError(f"--{name.replace('_', '-')}={getattr(cfg, name)} is out of range; it must lie in [{lo:g}, {hi:g}]")
+    if cfg.log_alpha_min > cfg.log_alpha_max:
+        raise UserError(f"--log-alpha-min={cfg.log_alpha_min} is above --log-alpha-max={cfg.log_alpha_max}")
+    if cfg.kernel not in ("auto", *KERNELS):
+        raise UserError(f"--kernel={cfg.kernel} is unknown; use laplacian, gaussian or auto")
+    if cfg.actor_q not in ("min", "mean_var"):
+        raise UserError(f"--actor-q={cfg.actor_q} is unknown; use min or mean_var")
+    if cfg.gpu < -1:
+        raise UserError(f"--gpu={cfg.gpu} is not a device; use a CUDA index such as 0, or -1 for the CPU")
+    if cfg.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--wandb needs the wandb package: pip install wandb (or drop --wandb)")
+
+
+def pick_device(gpu: int) -> torch.device:
+    if gpu < 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        warn(f"--gpu={gpu} asked for CUDA, but CUDA is not available here: training on the CPU")
+        return torch.device("cpu")
+    if gpu >= torch.cuda.device_count():
+        raise UserError(f"--gpu={gpu} but this machine has {torch.cuda.device_count()} CUDA device(s); use 0.."
+                        f"{torch.cuda.device_count() - 1}, or -1 for the CPU")
+    return torch.device(f"cuda:{gpu}")
+
+
+def prepare_run_dir(cfg: Config, dataset_name: str) -> tuple[Path, bool]:
+    """(run folder, whether it resumes). Checks the log folder before anything is written."""
+    log_dir = Path(cfg.log_dir).expanduser()
+    if log_dir.exists() and not log_dir.is_dir():
+        raise UserError(f"--log-dir={log_dir} is a file, not a folder; pass a folder")
+    existing = next(p for p in [log_dir, *log_dir.parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--log-dir={log_dir} is not writable ({existing} denies it); pass a folder you can write to")
+    base = log_dir / (cfg.run_name or f"{re.sub(r'[^A-Za-z0-9_.-]', '_', dataset_name)}__seed{cfg.seed}")
+    if cfg.resume and base.is_dir() and (base / "config.json").exists():
+        saved = json.loads((base / "config.json").read_text())
+        changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
+        if changed:
+            k = changed[0]
+            raise UserError(f"--resume: {base} was started with --{k.replace('_', '-')}={saved.get(k)}, not {getattr(cfg, k)}; "
+                            "resume with the run's own settings")
+        return base, True
+    run_dir, i = base, 1
+    while run_dir.exists():  # never overwrite another run
+        i += 1
+        run_dir = base.with_name(f"{base.name}-{i}")
+    return run_dir, False
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def train(cfg: Config) -> dict:
+    validate(cfg)
+    spec = resolve_dataset(cfg.dataset, cfg.env)
+    run_dir, resuming = prepare_run_dir(cfg, spec.name)
+    device = pick_device(cfg.gpu)
+    path, env, source, notes = find_dataset(cfg)
+    env_id = cfg.env if cfg.env in {v[0] for v in ENVS.values()} else ENVS[env][0]
+    t_load = time.time()
+    data = load_transitions(path)
+    print(f"{path.name}: {len(data['observations'])} transitions, {int(data['terminals'].sum())} terminal "
+          f"({source}); loaded in {time.time() - t_load:.1f} s; device {device}", flush=True)
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    buffer = ReplayBuffer(data, device)
+    del data
+    kernel = cfg.kernel if cfg.kernel != "auto" else "gaussian" if env == "halfcheetah" else "laplacian"
+    agent = BEAR(cfg, buffer.obs.shape[1], buffer.act.shape[1], kernel, device)
+    evaluator = Evaluator(env_id, cfg.eval_episodes, cfg.seed)
+
+    state = {"evals": [], "elapsed": 0.0, "train_seconds": 0.0, "trained_steps": 0, "last_log": 0, "csv_offset": None}
+    ckpts = checkpoints(run_dir) if resuming else []
+    if ckpts:
+        saved = torch.load(ckpts[-1], map_location=device, weights_only=False)
+        agent.load_state_dict(saved["agent"])
+        set_rng_states(saved["rng"])
+        state = saved["state"]
+        print(f"resuming {run_dir} from {ckpts[-1].name} (step {saved['step']})", flush=True)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=resuming)
+        write_json(run_dir / "config.json", dataclasses.asdict(cfg) | {
+            "env_id": env_id, "kernel_used": kernel, "dataset_file": str(path), "dataset_source": source,
+            "dataset_notes": notes, "device": str(device)})
+    logger = Logger(run_dir, cfg, state["csv_offset"], f"BEAR {spec.name} seed {cfg.seed}")
+
+    stop = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    start = saved["step"] if ckpts else 0
+    t_start, t_interval, elapsed_before = time.time(), time.time(), state["elapsed"]
+
+    def checkpoint(step: int) -> None:
+        state["csv_offset"], state["elapsed"] = logger.offset(), elapsed_before + time.time() - t_start
+        save_checkpoint(run_dir, {"step": step, "agent": agent.state_dict(), "rng": rng_states(), "state": state,
+                                  "config": dataclasses.asdict(cfg)})
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
+    try:
+        for step in range(start + 1, cfg.max_steps + 1):
+            agent.update(buffer.sample(cfg.batch_size), step <= cfg.warmup_steps)
+            is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
+            if step % cfg.log_every == 0 or is_eval:
+                sums, first_bad = agent.metric_sum.tolist(), agent.first_nonfinite.tolist()  # the one read-back
+                agent.metric_sum.zero_()
+                if max(first_bad) >= 0:
+                    i = min((b, j) for j, b in enumerate(first_bad) if b >= 0)[1]
+                    raise Diverged(f"{LOSSES[i]} became non-finite at step {first_bad[i]}; the newest checkpoint in "
+                                   f"{run_dir} is from before it (try a lower learning rate or another seed)")
+                now = time.time()
+                rate = (step - state["last_log"]) / max(now - t_interval, 1e-9)
+                state["train_seconds"] += now - t_interval
+                state["trained_steps"] += step - state["last_log"]
+                values = {"step": step} | {k: v / (step - state["last_log"]) for k, v in zip(METRICS, sums)}
+                state["last_log"] = step
+                if is_eval:
+                    generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+                    ret = float(evaluator.run(agent, generator).mean())
+                    score = normalized_score(env, ret)
+                    state["evals"].append((step, ret, score))
+                    values |= {"eval_return": ret, "eval_normalized_score": score}
+                    tqdm.write(f"step {step:>8}  return {ret:8.1f}  normalised score {score:6.1f}  alpha {values['alpha']:.3g}"
+                               f"  mmd {values['mmd']:.3f}  critic loss {values['critic_loss']:.3g}")
+                    bar.set_postfix(score=f"{score:.1f}")
+                logger.write(step, values, rate)
+                if is_eval:
+                    checkpoint(step)
+                t_interval = time.time()
+            if stop:
+                checkpoint(step)
+                print(f"\nstopped by signal at step {step}; checkpoint saved in {run_dir}; continue with the same "
+                      "command plus --resume", file=sys.stderr, flush=True)
+                raise Stop(EXIT_PREEMPTED if stop[0] == signal.SIGTERM else EXIT_INTERRUPTED)
+            if step % 100 == 0 or step == cfg.max_steps:
+                bar.update(step - bar.n)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        bar.close()
+        logger.close()
+
+    state["elapsed"] = elapsed_before + time.time() - t_start
+    _, returns, scores = zip(*state["evals"])
+    results = {
+        "dataset": spec.name, "env_id": env_id, "seed": cfg.seed, "steps": cfg.max_steps,
+        "final_normalized_score": scores[-1], "best_normalized_score": max(scores),
+        "final_return": returns[-1], "best_return": max(returns),
+        "wall_clock_seconds": round(state["elapsed"], 2),
+        "train_steps_per_second": round(state["trained_steps"] / max(state["train_seconds"], 1e-9), 2),
+        "device": str(device), "dataset_source": source, "dataset_file": str(path), "dataset_notes": notes,
+        "comparable_with_published": source in ("cache", "download") and not notes,
+        "run_dir": str(run_dir),
+    }
+    write_json(run_dir / "results.json", results)
+    print(json.dumps({k: results[k] for k in ("final_normalized_score", "best_normalized_score", "steps",
+                                             "train_steps_per_second", "dataset_source")}), flush=True)
+    return results
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_int(text: str) -> int:
+    """Whole numbers, also written 1e6 or 1_000_000."""
+    value = float(text.replace("_", "")) if re.search(r"[.eE]", text) else int(text.replace("_", ""))
+    if value != int(value):
+        raise ValueError(text)
+    return int(value)
+
+
+parse_int.__name__ = "int"  # argparse names the type in its error message
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = OneLineParser(prog="bear-train.py", description="BEAR (Kumar et al. 2019) on D4RL MuJoCo data.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        if f.type == "bool":
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": parse_int, "float": float, "str": str}[f.type]
+            parser.add_argument(*flags, type=kind, default=f.default, help=f.metadata["help"], metavar=f.type.upper())
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        if cfg.summarize:
+            print(summarize(Path(cfg.summarize)), end="")
+        else:
+            train(cfg)
+    except UserError as e:
+        print(f"bear-train.py: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Diverged as e:
+        print(f"bear-train.py: training stopped: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except Stop as e:
+        return e.code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
