@@ -5,8 +5,6 @@
 Reads top to bottom in the order of the data's path: hyperparameters, data, networks, the BEAR update,
 evaluation, run bookkeeping (logs, checkpoints, plots, seed tables), main. Importing it runs nothing.
 """
-from __future__ import annotations
-
 import argparse
 import csv
 import dataclasses
@@ -41,7 +39,7 @@ def hp(default, help):
 class Config:
     # run
     dataset: str = hp("walker2d-random-v2", "D4RL MuJoCo name (v0/v1/v2) or path to an HDF5 file in D4RL's layout")
-    env: str = hp("", "gymnasium environment for evaluation; empty = from the dataset (e.g. Walker2d-v4)")
+    env: str = hp("", "for a dataset path: walker2d | hopper | halfcheetah | ant (empty = from the file name)")
     seed: int = hp(0, "seeds python, numpy, torch and the evaluation environments")
     gpu: int = hp(0, "CUDA device index; -1 = CPU (falls back to the CPU with a warning when CUDA is absent)")
     max_steps: int = hp(1_000_000, "gradient steps")
@@ -115,8 +113,6 @@ V2_SIZES = {  # published byte sizes of the v2 files
     "ant": [384466831, 376239825, 373231677, 136482252, 748335217, 449390167],
 }
 KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
-# gymnasium flags every *-v4 MuJoCo env as out of date; v4 is deliberate (v5 changed the models, see README).
-warnings.filterwarnings("ignore", message=r".*is out of date. You should consider upgrading to version `v5`")
 ALL_NAMES = [f"{e}-{k}-v{v}" for e in ENVS for k in KINDS for v in (0, 1, 2) if v == 2 or k != "full-replay"]
 
 
@@ -244,45 +240,59 @@ def load_transitions(path: Path) -> dict[str, np.ndarray]:
     }
 
 
+def make_env(env_id: str):
+    import gymnasium as gym
+
+    with warnings.catch_warnings():  # gymnasium calls every *-v4 env out of date; v4 is deliberate (see README)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return gym.make(env_id)
+
+
 def regenerated_path(spec: DatasetSpec, steps: int) -> Path:
     """A name D4RL never uses, so the regenerated file cannot be mistaken for the published one."""
     suffix = "" if steps == 1_000_000 else f"_{steps}steps"
     return d4rl_dir() / f"bear-regenerated_{spec.path.stem}_{ENVS[spec.env][0]}{suffix}.hdf5"
 
 
-def _random_rollout(args: tuple[str, int, int]) -> dict[str, np.ndarray]:
-    """One worker of the regeneration: uniform random actions, episodes capped by the env's 1000-step limit."""
-    import gymnasium as gym
-
-    env_id, steps, seed = args
-    env = gym.make(env_id)
+def _random_rollout(args: tuple[str, int, int, bool]) -> dict[str, np.ndarray]:
+    """One worker of the regeneration: uniform random actions, episodes capped by the env's 1000-step limit.
+    With finish_episode it runs past `steps` to the end of its episode, so that the next worker's chunk starts a
+    new episode exactly as a reset would."""
+    env_id, steps, seed, finish_episode = args
+    env = make_env(env_id)
     env.action_space.seed(seed)
     obs, _ = env.reset(seed=seed)
-    out = {"observations": np.empty((steps, env.observation_space.shape[0]), np.float32),
-           "actions": np.empty((steps, env.action_space.shape[0]), np.float32),
-           "next_observations": np.empty((steps, env.observation_space.shape[0]), np.float32),
-           "rewards": np.empty(steps, np.float32), "terminals": np.zeros(steps, bool), "timeouts": np.zeros(steps, bool)}
-    for i in range(steps):
+    cap = steps + (env.spec.max_episode_steps or 1000) * finish_episode
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    out = {"observations": np.empty((cap, obs_dim), np.float32), "actions": np.empty((cap, act_dim), np.float32),
+           "next_observations": np.empty((cap, obs_dim), np.float32), "rewards": np.empty(cap, np.float32),
+           "terminals": np.zeros(cap, bool), "timeouts": np.zeros(cap, bool)}
+    i, episode_over = 0, False
+    while i < steps or (finish_episode and not episode_over):
         action = env.action_space.sample()
         next_obs, reward, terminated, truncated, _ = env.step(action)
         out["observations"][i], out["actions"][i], out["next_observations"][i] = obs, action, next_obs
         out["rewards"][i], out["terminals"][i], out["timeouts"][i] = reward, terminated, truncated and not terminated
-        obs = env.reset()[0] if terminated or truncated else next_obs
-    out["timeouts"][-1] |= not out["terminals"][-1]  # the chunk ends mid-episode: a truncation, not a termination
-    return out
+        episode_over = terminated or truncated
+        obs = env.reset()[0] if episode_over else next_obs
+        i += 1
+    return {k: v[:i] for k, v in out.items()}
 
 
 def regenerate_random(spec: DatasetSpec, steps: int, dest: Path, workers: int = 2) -> None:
-    """D4RL's recipe for *-random-*: uniform random actions for `steps` steps, split over the CPU cores."""
+    """D4RL's recipe for *-random-*: uniform random actions for `steps` steps, split over the CPU cores. Every
+    chunk but the last ends at an episode boundary; the last is cut at `steps` rows in all, as D4RL's was."""
     import h5py
     from concurrent.futures import ProcessPoolExecutor
 
-    chunks = [steps // workers + (w < steps % workers) for w in range(workers)]
-    jobs = [(ENVS[spec.env][0], n, 10_007 * w) for w, n in enumerate(chunks) if n > 0]
-    if len(jobs) > 1:
+    workers = max(1, min(workers, steps // 1000))
+    share = steps // workers  # the last worker takes the remainder, so the chunks add up to at least `steps`
+    jobs = [(ENVS[spec.env][0], share if w < workers - 1 else steps - share * w, 10_007 * w, w < workers - 1)
+            for w in range(workers)]
+    if workers > 1:
         import multiprocessing
 
-        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
             parts = list(pool.map(_random_rollout, jobs))
     else:
         parts = [_random_rollout(jobs[0])]
@@ -292,7 +302,8 @@ def regenerate_random(spec: DatasetSpec, steps: int, dest: Path, workers: int = 
     try:
         with h5py.File(tmp, "w") as f:
             for key in parts[0]:
-                f.create_dataset(key, data=np.concatenate([p[key] for p in parts]), compression="gzip", compression_opts=1)
+                data = np.concatenate([p[key] for p in parts])[:steps]
+                f.create_dataset(key, data=data, compression="gzip", compression_opts=1)
             f.attrs["source"] = f"regenerated by bear-train.py: uniform random actions in gymnasium {ENVS[spec.env][0]}"
         os.replace(tmp, dest)
     finally:
@@ -547,13 +558,9 @@ class BEAR:
         self.actor_opt.step()
 
         # 5. dual step on log alpha with the actor's MMD (detached), then the clamp
-        alpha_loss = dual_loss(self.log_alpha, mmd_value, cfg.epsilon)
-        self.alpha_opt.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.alpha_opt.step()
-        with torch.no_grad():
-            self.log_alpha.clamp_(cfg.log_alpha_min, cfg.log_alpha_max)
+        alpha_loss = self.dual_step(mmd_value)
 
+        with torch.no_grad():
             # 6. Polyak-average the target critics
             torch._foreach_lerp_(list(self.target_critics.parameters()), list(self.critics.parameters()), cfg.tau)
 
@@ -562,6 +569,15 @@ class BEAR:
             self.metric_sum += torch.cat([losses, torch.stack([self.log_alpha.exp(), mmd_value.mean(), q.mean()]).detach()])
             bad = ~torch.isfinite(losses) & (self.first_nonfinite < 0)
             self.first_nonfinite.copy_(torch.where(bad, self.step, self.first_nonfinite))
+
+    def dual_step(self, mmd_value: torch.Tensor) -> torch.Tensor:
+        alpha_loss = dual_loss(self.log_alpha, mmd_value, self.cfg.epsilon)
+        self.alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_opt.step()
+        with torch.no_grad():
+            self.log_alpha.clamp_(self.cfg.log_alpha_min, self.cfg.log_alpha_max)
+        return alpha_loss
 
     @torch.no_grad()
     def act(self, s: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -600,9 +616,7 @@ class Evaluator:
     evaluation depends only on the networks and the step (nothing to carry across a resume)."""
 
     def __init__(self, env_id: str, episodes: int, seed: int):
-        import gymnasium as gym
-
-        self.envs = [gym.make(env_id) for _ in range(episodes)]
+        self.envs = [make_env(env_id) for _ in range(episodes)]
         self.seeds = [10_000 + 1_000 * seed + i for i in range(episodes)]
 
     @torch.no_grad()
@@ -835,6 +849,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"--{name.replace('_', '-')}={getattr(cfg, name)} is out of range; it must lie in [{lo:g}, {hi:g}]")
     if cfg.log_alpha_min > cfg.log_alpha_max:
         raise UserError(f"--log-alpha-min={cfg.log_alpha_min} is above --log-alpha-max={cfg.log_alpha_max}")
+    if cfg.env not in ("", *ENVS):
+        raise UserError(f"--env={cfg.env} is unknown; use one of {', '.join(ENVS)} (or leave it empty)")
     if cfg.kernel not in ("auto", *KERNELS):
         raise UserError(f"--kernel={cfg.kernel} is unknown; use laplacian, gaussian or auto")
     if cfg.actor_q not in ("min", "mean_var"):
@@ -905,7 +921,7 @@ def train(cfg: Config) -> dict:
     run_dir, resuming = prepare_run_dir(cfg, spec.name)
     device = pick_device(cfg.gpu)
     path, env, source, notes = find_dataset(cfg)
-    env_id = cfg.env if cfg.env in {v[0] for v in ENVS.values()} else ENVS[env][0]
+    env_id = ENVS[env][0]
     t_load = time.time()
     data = load_transitions(path)
     print(f"{path.name}: {len(data['observations'])} transitions, {int(data['terminals'].sum())} terminal "
@@ -1030,11 +1046,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        if f.type == "bool":
+        if f.type is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
-            kind = {"int": parse_int, "float": float, "str": str}[f.type]
-            parser.add_argument(*flags, type=kind, default=f.default, help=f.metadata["help"], metavar=f.type.upper())
+            kind = {int: parse_int, float: float, str: str}[f.type]
+            parser.add_argument(*flags, type=kind, default=f.default, help=f.metadata["help"], metavar=f.type.__name__.upper())
     return Config(**vars(parser.parse_args(argv)))
 
 

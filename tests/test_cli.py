@@ -1,0 +1,126 @@
+"""The reference command end to end, by name, on small files placed in a temporary D4RL cache; and bad input."""
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import SCRIPT, write_d4rl_file
+
+SHORT = ["--max-steps=300", "--warmup-steps=100", "--eval-every=150", "--eval-episodes=2"]
+
+
+def run(args, cwd, cache, timeout=600):
+    env = dict(os.environ, D4RL_DATASET_DIR=str(cache), BEAR_D4RL_BASE_URL="http://127.0.0.1:9/offline_rl")
+    # port 9 (discard) refuses connections here: any download attempt fails at once, nothing leaves the machine
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
+
+
+def test_reference_command_on_a_cached_file(tmp_path):
+    cache = tmp_path / "cache"
+    cached = cache / "walker2d_random-v2.hdf5"
+    write_d4rl_file(cached, n=2000)
+    before = digest(cached)
+    out = run(["--dataset=walker2d-random-v2", "--seed=0", "--gpu=0", *SHORT], tmp_path, cache)
+    assert out.returncode == 0, out.stderr
+    assert digest(cached) == before  # the cached file is read, never touched
+    run_dir = tmp_path / "runs" / "walker2d-random-v2__seed0"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert math.isfinite(results["final_normalized_score"]) and math.isfinite(results["best_normalized_score"])
+    assert results["best_normalized_score"] >= results["final_normalized_score"]
+    assert results["steps"] == 300 and results["dataset_source"] == "cache" and results["device"] == "cpu"
+    assert "bytes, D4RL publishes 216109364" in results["dataset_notes"][0]  # the small file's size is recorded
+    assert results["comparable_with_published"] is False
+    assert results["wall_clock_seconds"] > 0 and results["train_steps_per_second"] > 0
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["step", "vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "mmd", "q_mean",
+                                  "eval_return", "eval_normalized_score"]
+    assert [r.split(",")[0] for r in rows[1:]] == ["150", "300"] and all(r.split(",")[-1] for r in rows[1:])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["max_steps"] == 300 and config["kernel_used"] == "laplacian" and config["env_id"] == "Walker2d-v4"
+    assert (run_dir / "curves.png").stat().st_size > 1000
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert "CUDA is not available" in out.stderr or "cuda" in results["device"]
+    assert "Traceback" not in out.stderr
+
+    # the same command again never overwrites the first run
+    again = run(["--dataset=walker2d-random-v2", "--seed=0", "--gpu=-1", "--max-steps=20", "--eval-every=20",
+                 "--eval-episodes=1", "--log-every=10"], tmp_path, cache)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((run_dir / "results.json").read_text()) == results
+    assert json.loads((run_dir.with_name(run_dir.name + "-2") / "results.json").read_text())["steps"] == 20
+
+
+def test_offline_random_dataset_is_regenerated_once_and_marked(tmp_path):
+    cache = tmp_path / "cache"
+    args = ["--dataset=hopper-random-v2", "--seed=1", "--gpu=-1", "--max-steps=40", "--warmup-steps=20",
+            "--eval-every=40", "--eval-episodes=1", "--regen-steps=4000", "--log-every=20"]
+    out = run(args, tmp_path, cache)
+    assert out.returncode == 0, out.stderr
+    assert "REGENERATED" in out.stderr and "NOT comparable with published tables" in out.stderr
+    assert "regenerating 4000 random steps" in out.stdout
+    files = sorted(p.name for p in cache.iterdir())
+    assert files == ["bear-regenerated_hopper_random-v2_Hopper-v4_4000steps.hdf5"]  # never D4RL's own file name
+    results = json.loads((tmp_path / "runs" / "hopper-random-v2__seed1" / "results.json").read_text())
+    assert results["dataset_source"] == "regenerated" and results["comparable_with_published"] is False
+    assert math.isfinite(results["final_normalized_score"])
+    again = run(args, tmp_path, cache)
+    assert again.returncode == 0, again.stderr
+    assert "regenerating" not in again.stdout  # reused
+
+
+def test_offline_non_random_dataset_fails_with_url_and_path(tmp_path):
+    out = run(["--dataset=hopper-medium-v2", "--gpu=-1"], tmp_path, tmp_path / "cache")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr
+    assert "http://127.0.0.1:9/offline_rl/gym_mujoco_v2/hopper_medium-v2.hdf5" in lines[0]
+    assert str(tmp_path / "cache" / "hopper_medium-v2.hdf5") in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-steps=-5"], "--max-steps=-5 must be a positive whole number"),
+    (["--batch-size=0"], "--batch-size=0 must be a positive whole number"),
+    (["--dataset=walker2d-randm-v2"], "did you mean walker2d-random-v2?"),
+    (["--kernel=rbf"], "--kernel=rbf is unknown"),
+    (["--gamma=1.5"], "--gamma=1.5 is out of range"),
+    (["--max-steps=ten"], "invalid int value: 'ten'"),
+    (["--no-such-flag=1"], "unrecognized arguments"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    out = run(args, tmp_path, tmp_path / "cache")
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr and "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_help_lists_every_hyperparameter_with_its_meaning(tmp_path, bear):
+    out = run(["--help"], tmp_path, tmp_path / "cache")
+    assert out.returncode == 0
+    import dataclasses
+
+    for f in dataclasses.fields(bear.Config):
+        assert f"--{f.name.replace('_', '-')}" in out.stdout
+    assert "transitions per gradient step" in out.stdout
+
+
+def test_flags_accept_both_spellings(bear):
+    a = bear.parse_args(["--max-steps=1e4", "--batch-size", "64", "--max_steps", "2_000", "--compile"])
+    assert (a.max_steps, a.batch_size, a.compile) == (2000, 64, True)
+
+
+def test_importing_runs_nothing(tmp_path):
+    code = f"import importlib.util as u; s = u.spec_from_file_location('m', r'{SCRIPT}'); m = u.module_from_spec(s); " \
+           "s.loader.exec_module(m); print('imported', m.Config().max_steps)"
+    out = subprocess.run([sys.executable, "-c", code, "--dataset=nonsense"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == "imported 1000000\n"
+    assert list(tmp_path.iterdir()) == []

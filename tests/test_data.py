@@ -1,0 +1,164 @@
+"""D4RL names, files and the q-learning transitions, on HDF5 files written by the tests (spec section 3)."""
+import numpy as np
+import pytest
+
+from conftest import write_d4rl_file
+
+BASE = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("BEAR_D4RL_BASE_URL", raising=False)
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("name, url, size", [
+    ("walker2d-random-v2", "gym_mujoco_v2/walker2d_random-v2.hdf5", 216_109_364),
+    ("walker2d-medium-replay-v2", "gym_mujoco_v2/walker2d_medium_replay-v2.hdf5", 86_323_963),
+    ("halfcheetah-medium-expert-v2", "gym_mujoco_v2/halfcheetah_medium_expert-v2.hdf5", 474_567_252),
+    ("ant-full-replay-v2", "gym_mujoco_v2/ant_full_replay-v2.hdf5", 449_390_167),
+    ("hopper-expert-v1", "gym_mujoco_v1/hopper_expert-v1.hdf5", None),
+    ("hopper-random-v0", "gym_mujoco/hopper_random.hdf5", None),
+    ("walker2d-medium-replay-v0", "gym_mujoco/walker_mixed.hdf5", None),
+    ("halfcheetah-medium-replay-v0", "gym_mujoco/halfcheetah_mixed.hdf5", None),
+    ("walker2d-medium-expert-v0", "gym_mujoco/walker2d_medium_expert.hdf5", None),
+])
+def test_names_map_to_d4rl_file_names_urls_and_cache_paths(bear, cache_dir, name, url, size):
+    spec = bear.resolve_dataset(name)
+    assert spec.url == f"{BASE}/{url}"
+    assert spec.path == cache_dir / url.split("/")[-1]  # d4rl caches a file under its URL's last part
+    assert spec.size == size
+
+
+def test_cache_folder_defaults_to_d4rls(bear, monkeypatch, tmp_path):
+    monkeypatch.delenv("D4RL_DATASET_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert bear.resolve_dataset("hopper-medium-v2").path == tmp_path / ".d4rl" / "datasets" / "hopper_medium-v2.hdf5"
+
+
+def test_unknown_name_suggests_the_closest(bear):
+    with pytest.raises(bear.UserError, match="did you mean walker2d-medium-v2"):
+        bear.resolve_dataset("walker2d-meduim-v2")
+    with pytest.raises(bear.UserError, match="unknown dataset"):
+        bear.resolve_dataset("hopper-full-replay-v0")  # full-replay exists only in v2
+
+
+def test_transitions_skip_timeouts_keep_terminals_and_drop_the_last_row(bear, tmp_path):
+    path = tmp_path / "walker2d_test.hdf5"
+    arrays = write_d4rl_file(path, n=500, episode_len=50, column_rewards=True)  # rewards stored as (N, 1)
+    data = bear.load_transitions(path)
+    timeouts, terminals = arrays["timeouts"], arrays["terminals"]
+    expected = [i for i in range(499) if not timeouts[i]]
+    assert len(data["observations"]) == len(expected) == 499 - timeouts[:499].sum()
+    obs = arrays["observations"]
+    np.testing.assert_array_equal(data["observations"], obs[expected])
+    np.testing.assert_array_equal(data["next_observations"], obs[np.array(expected) + 1])
+    np.testing.assert_array_equal(data["actions"], arrays["actions"][expected])
+    np.testing.assert_array_equal(data["rewards"], arrays["rewards"][expected, 0])
+    assert data["rewards"].shape == (len(expected),)
+    np.testing.assert_array_equal(data["terminals"], terminals[expected].astype(np.float32))
+    assert data["terminals"].sum() == terminals[:499].sum() == 4  # every termination is kept (the 5th is the last row)
+    # no transition crosses a timeout into the next episode
+    assert not set(np.flatnonzero(timeouts)) & set(expected)
+
+
+def test_terminals_stored_as_column(bear, tmp_path):
+    path = tmp_path / "hopper_col.hdf5"
+    arrays = write_d4rl_file(path, n=100, obs_dim=11, act_dim=3, episode_len=10)
+    arrays2 = write_d4rl_file(tmp_path / "hopper_col2.hdf5", n=100, obs_dim=11, act_dim=3, episode_len=10,
+                              terminals=arrays["terminals"][:, None], timeouts=arrays["timeouts"][:, None])
+    a, b = bear.load_transitions(path), bear.load_transitions(tmp_path / "hopper_col2.hdf5")
+    assert arrays2 is not None
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    bear.check_file(tmp_path / "hopper_col2.hdf5", "hopper")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rewards": None}, "lacks the key"),
+    ({"actions": np.zeros((99, 6), np.float32)}, "inconsistent length"),
+    ({"observations": np.zeros((100, 11), np.float32)}, r"observations have shape \(100, 11\)"),
+    ({"actions": np.zeros((100, 3), np.float32)}, r"actions have shape \(100, 3\)"),
+])
+def test_structural_checks_name_the_problem(bear, tmp_path, change, message):
+    path = tmp_path / "walker2d_bad.hdf5"
+    write_d4rl_file(path, n=100, **change)
+    with pytest.raises(bear.UserError, match=message):
+        bear.check_file(path, "walker2d")
+
+
+def test_non_finite_values_name_the_key_and_first_row(bear, tmp_path):
+    obs = np.zeros((100, 17), np.float32)
+    obs[42, 3], obs[70, 0] = np.nan, np.inf
+    path = tmp_path / "walker2d_nan.hdf5"
+    write_d4rl_file(path, n=100, observations=obs)
+    with pytest.raises(bear.UserError, match="observations has a non-finite value in row 42"):
+        bear.check_file(path, "walker2d")
+
+
+def test_a_file_that_is_not_hdf5(bear, tmp_path):
+    path = tmp_path / "walker2d_random-v2.hdf5"
+    path.write_bytes(b"<html>not found</html>")
+    with pytest.raises(bear.UserError, match="not a readable HDF5 file"):
+        bear.check_file(path, "walker2d")
+
+
+def test_path_dataset_infers_env_from_file_name(bear, tmp_path):
+    path = tmp_path / "my_halfcheetah_data.hdf5"
+    write_d4rl_file(path, n=50)
+    spec = bear.resolve_dataset(str(path))
+    assert (spec.env, spec.url, spec.path) == ("halfcheetah", "", path)
+    other = tmp_path / "data.hdf5"
+    write_d4rl_file(other, n=50, obs_dim=11, act_dim=3)
+    with pytest.raises(bear.UserError, match="pass --env"):
+        bear.resolve_dataset(str(other))
+    assert bear.resolve_dataset(str(other), "hopper").env == "hopper"
+    with pytest.raises(bear.UserError, match="does not exist"):
+        bear.resolve_dataset(str(tmp_path / "missing.hdf5"))
+
+
+def test_replay_buffer_samples_on_the_device(bear, tmp_path):
+    import torch
+
+    path = tmp_path / "walker2d_b.hdf5"
+    write_d4rl_file(path, n=300)
+    buffer = bear.ReplayBuffer(bear.load_transitions(path), torch.device("cpu"))
+    s, a, r, s2, d = buffer.sample(64)
+    assert s.shape == (64, 17) and a.shape == (64, 6) and r.shape == (64,) and s2.shape == (64, 17) and d.shape == (64,)
+    assert s.dtype == a.dtype == r.dtype == d.dtype == torch.float32
+
+
+def test_regeneration_follows_d4rls_random_recipe(bear, tmp_path):
+    spec = bear.resolve_dataset("hopper-random-v2")
+    dest = tmp_path / "regen.hdf5"
+    bear.regenerate_random(spec, 3000, dest, workers=2)
+    import h5py
+
+    with h5py.File(dest) as f:
+        lengths = {k: len(f[k]) for k in bear.KEYS}
+        terminals, timeouts = f["terminals"][()], f["timeouts"][()]
+        actions, obs, next_obs = f["actions"][()], f["observations"][()], f["next_observations"][()]
+    assert set(lengths.values()) == {3000}
+    assert terminals.sum() > 10  # random hoppers fall within tens of steps
+    assert not (terminals & timeouts).any()
+    assert np.abs(actions).max() <= 1 and actions.std() > 0.5  # uniform on [-1, 1]
+    # within an episode the next row continues the trajectory
+    same_episode = ~(terminals | timeouts)[:-1]
+    np.testing.assert_array_equal(obs[1:][same_episode], next_obs[:-1][same_episode])
+    # the first worker ran on to the end of its episode, so no episode is cut where the chunks meet
+    boundary = np.flatnonzero(terminals | timeouts)
+    assert any(1499 <= b < 2500 for b in boundary)
+    episode_lengths = np.diff(np.concatenate([[-1], boundary]))
+    assert episode_lengths.max() <= 1000
+    bear.check_file(dest, "hopper")
+    assert bear.regenerated_path(spec, 1_000_000).name == "bear-regenerated_hopper_random-v2_Hopper-v4.hdf5"
+
+
+def test_a_regeneration_chunk_can_end_on_an_episode_boundary(bear):
+    part = bear._random_rollout(("Hopper-v4", 100, 0, True))
+    assert len(part["rewards"]) >= 100
+    assert part["terminals"][-1] or part["timeouts"][-1]
+    cut = bear._random_rollout(("Hopper-v4", 100, 0, False))
+    assert len(cut["rewards"]) == 100
