@@ -190,8 +190,8 @@ def download(url: str, dest: Path, expected_size: int | None) -> None:
     os.replace(part, dest)
 
 
-def check_file(path: Path, env: str) -> None:
-    """Structural checks of a D4RL-layout file; raises UserError naming the first problem."""
+def read_d4rl(path: Path, env: str) -> dict[str, np.ndarray]:
+    """Reads a D4RL-layout file once and checks its structure; raises UserError naming the first problem."""
     import h5py
 
     obs_dim, act_dim = ENVS[env][1:3]
@@ -203,41 +203,39 @@ def check_file(path: Path, env: str) -> None:
         missing = [k for k in KEYS if k not in f]
         if missing:
             raise UserError(f"{path} lacks the key(s) {', '.join(missing)} of D4RL's layout; replace the file")
-        lengths = {k: f[k].shape[0] for k in KEYS}
+        lengths = {k: f[k].shape[0] if f[k].ndim else 0 for k in KEYS}
         if len(set(lengths.values())) != 1:
             raise UserError(f"{path} has arrays of inconsistent length ({lengths}); replace the file")
-        if f["observations"].ndim != 2 or f["observations"].shape[1] != obs_dim:
-            raise UserError(f"{path}: observations have shape {f['observations'].shape}, {env} needs (N, {obs_dim}); "
-                            "check --dataset/--env")
-        if f["actions"].ndim != 2 or f["actions"].shape[1] != act_dim:
-            raise UserError(f"{path}: actions have shape {f['actions'].shape}, {env} needs (N, {act_dim}); check --dataset/--env")
+        for key, dim in (("observations", obs_dim), ("actions", act_dim)):
+            if f[key].ndim != 2 or f[key].shape[1] != dim:
+                raise UserError(f"{path}: {key} have shape {f[key].shape}, {env} needs (N, {dim}); check --dataset/--env")
         if lengths["observations"] < 2:
             raise UserError(f"{path} holds fewer than 2 rows; replace the file")
-        for key in ("observations", "actions", "rewards"):
-            values = f[key][()].reshape(lengths[key], -1)
-            bad = ~np.isfinite(values).all(axis=1)
-            if bad.any():
-                raise UserError(f"{path}: {key} has a non-finite value in row {int(np.argmax(bad))}; replace the file")
+        data = {k: f[k][()] for k in KEYS}
+    for key in ("observations", "actions", "rewards"):
+        bad = ~np.isfinite(data[key].reshape(len(data[key]), -1)).all(axis=1)
+        if bad.any():
+            raise UserError(f"{path}: {key} has a non-finite value in row {int(np.argmax(bad))}; replace the file")
+    return data
 
 
-def load_transitions(path: Path) -> dict[str, np.ndarray]:
+def to_transitions(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """D4RL's q-learning transitions: next state = observations[i+1], done = terminals[i]; rows that time out
     (their successor starts the next episode) and the last row are dropped."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        data = {k: f[k][()] for k in KEYS}
     n = len(data["observations"])
-    terminals = data["terminals"].reshape(n).astype(bool)
     timeouts = data["timeouts"].reshape(n).astype(bool)
     keep = np.flatnonzero(~timeouts[:-1])  # [M] indices i in 0..N-2 whose successor is in the same episode
     return {
-        "observations": data["observations"][keep].astype(np.float32),
-        "actions": data["actions"][keep].astype(np.float32),
-        "rewards": data["rewards"].reshape(n)[keep].astype(np.float32),
-        "next_observations": data["observations"][keep + 1].astype(np.float32),
-        "terminals": terminals[keep].astype(np.float32),
+        "observations": data["observations"][keep].astype(np.float32, copy=False),
+        "actions": data["actions"][keep].astype(np.float32, copy=False),
+        "rewards": data["rewards"].reshape(n)[keep].astype(np.float32, copy=False),
+        "next_observations": data["observations"][keep + 1].astype(np.float32, copy=False),
+        "terminals": data["terminals"].reshape(n)[keep].astype(np.float32),
     }
+
+
+def load_transitions(path: Path, env: str) -> dict[str, np.ndarray]:
+    return to_transitions(read_d4rl(path, env))
 
 
 def make_env(env_id: str):
@@ -311,24 +309,22 @@ def regenerate_random(spec: DatasetSpec, steps: int, dest: Path, workers: int = 
             os.unlink(tmp)
 
 
-def find_dataset(cfg: Config) -> tuple[Path, str, str, list[str]]:
-    """Returns (file, env, source, notes); source is one of cache, download, file, regenerated."""
+def find_dataset(cfg: Config) -> tuple[dict[str, np.ndarray], Path, str, str, list[str]]:
+    """Returns (arrays, file, env, source, notes); source is one of cache, download, file, regenerated."""
     spec = resolve_dataset(cfg.dataset, cfg.env)
     notes = []
     if not spec.url:
-        check_file(spec.path, spec.env)
-        return spec.path, spec.env, "file", notes
+        return read_d4rl(spec.path, spec.env), spec.path, spec.env, "file", notes
     if spec.path.exists():
-        check_file(spec.path, spec.env)
+        data = read_d4rl(spec.path, spec.env)
         size = spec.path.stat().st_size
         if spec.size is not None and size != spec.size:
             notes.append(f"{spec.path} is {size} bytes, D4RL publishes {spec.size}: scores may not match published ones")
             warn(notes[-1])
-        return spec.path, spec.env, "cache", notes
+        return data, spec.path, spec.env, "cache", notes
     try:
         download(spec.url, spec.path, spec.size)
-        check_file(spec.path, spec.env)
-        return spec.path, spec.env, "download", notes
+        return read_d4rl(spec.path, spec.env), spec.path, spec.env, "download", notes
     except (OSError, urllib.error.URLError) as e:
         reason = getattr(e, "reason", e)
         if spec.kind != "random":
@@ -342,8 +338,7 @@ def find_dataset(cfg: Config) -> tuple[Path, str, str, list[str]]:
             print(f"regenerating {cfg.regen_steps} random steps on 2 cores ...", flush=True)
             regenerate_random(spec, cfg.regen_steps, regen)
             print(f"regenerated {regen} in {time.time() - t0:.0f} s", flush=True)
-        check_file(regen, spec.env)
-        return regen, spec.env, "regenerated", notes
+        return read_d4rl(regen, spec.env), regen, spec.env, "regenerated", notes
 
 
 class ReplayBuffer:
@@ -493,6 +488,8 @@ def dual_loss(log_alpha: torch.Tensor, mmd_value: torch.Tensor, epsilon: float) 
     return -(log_alpha.exp() * (mmd_value.detach().mean() - epsilon))
 
 
+ADAM = {"fused": True}  # one kernel per optimiser step, on the CPU and on CUDA
+
 METRICS = ["vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "mmd", "q_mean"]
 LOSSES = METRICS[:4]
 
@@ -508,10 +505,10 @@ class BEAR:
         self.target_critics.load_state_dict(self.critics.state_dict())
         self.target_critics.requires_grad_(False)
         self.log_alpha = torch.tensor(cfg.log_alpha_init, device=device, requires_grad=True)
-        self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=cfg.vae_lr)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
-        self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=cfg.critic_lr)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
+        self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=cfg.vae_lr, **ADAM)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr, **ADAM)
+        self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=cfg.critic_lr, **ADAM)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr, **ADAM)
         # Device-side bookkeeping, read back once per logging interval: no host sync inside update().
         self.step = torch.zeros((), dtype=torch.long, device=device)
         self.metric_sum = torch.zeros(len(METRICS), device=device)
@@ -920,12 +917,13 @@ def train(cfg: Config) -> dict:
     spec = resolve_dataset(cfg.dataset, cfg.env)
     run_dir, resuming = prepare_run_dir(cfg, spec.name)
     device = pick_device(cfg.gpu)
-    path, env, source, notes = find_dataset(cfg)
-    env_id = ENVS[env][0]
     t_load = time.time()
-    data = load_transitions(path)
+    arrays, path, env, source, notes = find_dataset(cfg)
+    data = to_transitions(arrays)
+    del arrays
+    env_id = ENVS[env][0]
     print(f"{path.name}: {len(data['observations'])} transitions, {int(data['terminals'].sum())} terminal "
-          f"({source}); loaded in {time.time() - t_load:.1f} s; device {device}", flush=True)
+          f"({source}); found and loaded in {time.time() - t_load:.1f} s; device {device}", flush=True)
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

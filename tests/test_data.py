@@ -48,7 +48,7 @@ def test_unknown_name_suggests_the_closest(bear):
 def test_transitions_skip_timeouts_keep_terminals_and_drop_the_last_row(bear, tmp_path):
     path = tmp_path / "walker2d_test.hdf5"
     arrays = write_d4rl_file(path, n=500, episode_len=50, column_rewards=True)  # rewards stored as (N, 1)
-    data = bear.load_transitions(path)
+    data = bear.load_transitions(path, "walker2d")
     timeouts, terminals = arrays["timeouts"], arrays["terminals"]
     expected = [i for i in range(499) if not timeouts[i]]
     assert len(data["observations"]) == len(expected) == 499 - timeouts[:499].sum()
@@ -69,11 +69,11 @@ def test_terminals_stored_as_column(bear, tmp_path):
     arrays = write_d4rl_file(path, n=100, obs_dim=11, act_dim=3, episode_len=10)
     arrays2 = write_d4rl_file(tmp_path / "hopper_col2.hdf5", n=100, obs_dim=11, act_dim=3, episode_len=10,
                               terminals=arrays["terminals"][:, None], timeouts=arrays["timeouts"][:, None])
-    a, b = bear.load_transitions(path), bear.load_transitions(tmp_path / "hopper_col2.hdf5")
+    a, b = bear.load_transitions(path, "hopper"), bear.load_transitions(tmp_path / "hopper_col2.hdf5", "hopper")
     assert arrays2 is not None
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
-    bear.check_file(tmp_path / "hopper_col2.hdf5", "hopper")
+    bear.read_d4rl(tmp_path / "hopper_col2.hdf5", "hopper")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -86,7 +86,7 @@ def test_structural_checks_name_the_problem(bear, tmp_path, change, message):
     path = tmp_path / "walker2d_bad.hdf5"
     write_d4rl_file(path, n=100, **change)
     with pytest.raises(bear.UserError, match=message):
-        bear.check_file(path, "walker2d")
+        bear.read_d4rl(path, "walker2d")
 
 
 def test_non_finite_values_name_the_key_and_first_row(bear, tmp_path):
@@ -95,14 +95,14 @@ def test_non_finite_values_name_the_key_and_first_row(bear, tmp_path):
     path = tmp_path / "walker2d_nan.hdf5"
     write_d4rl_file(path, n=100, observations=obs)
     with pytest.raises(bear.UserError, match="observations has a non-finite value in row 42"):
-        bear.check_file(path, "walker2d")
+        bear.read_d4rl(path, "walker2d")
 
 
 def test_a_file_that_is_not_hdf5(bear, tmp_path):
     path = tmp_path / "walker2d_random-v2.hdf5"
     path.write_bytes(b"<html>not found</html>")
     with pytest.raises(bear.UserError, match="not a readable HDF5 file"):
-        bear.check_file(path, "walker2d")
+        bear.read_d4rl(path, "walker2d")
 
 
 def test_path_dataset_infers_env_from_file_name(bear, tmp_path):
@@ -124,7 +124,7 @@ def test_replay_buffer_samples_on_the_device(bear, tmp_path):
 
     path = tmp_path / "walker2d_b.hdf5"
     write_d4rl_file(path, n=300)
-    buffer = bear.ReplayBuffer(bear.load_transitions(path), torch.device("cpu"))
+    buffer = bear.ReplayBuffer(bear.load_transitions(path, "walker2d"), torch.device("cpu"))
     s, a, r, s2, d = buffer.sample(64)
     assert s.shape == (64, 17) and a.shape == (64, 6) and r.shape == (64,) and s2.shape == (64, 17) and d.shape == (64,)
     assert s.dtype == a.dtype == r.dtype == d.dtype == torch.float32
@@ -152,7 +152,7 @@ def test_regeneration_follows_d4rls_random_recipe(bear, tmp_path):
     assert any(1499 <= b < 2500 for b in boundary)
     episode_lengths = np.diff(np.concatenate([[-1], boundary]))
     assert episode_lengths.max() <= 1000
-    bear.check_file(dest, "hopper")
+    bear.read_d4rl(dest, "hopper")
     assert bear.regenerated_path(spec, 1_000_000).name == "bear-regenerated_hopper_random-v2_Hopper-v4.hdf5"
 
 
