@@ -359,7 +359,7 @@ class ReplayBuffer:
 
 # ============================================================================================== networks
 def mlp_trunk(inp: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
 
 
 class StateFirstLayer(nn.Module):
@@ -385,7 +385,8 @@ class VAE(nn.Module):
         self.mean = nn.Linear(hidden, self.latent_dim)
         self.log_std = nn.Linear(hidden, self.latent_dim)
         self.dec_in = StateFirstLayer(state_dim, self.latent_dim, hidden)
-        self.decoder = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, action_dim))
+        self.decoder = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+                                     nn.Linear(hidden, action_dim))
 
     def decode_raw(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # s [B, S], z [B, n, L] -> [B, n, A]
         return self.decoder(self.dec_in(s, z))
@@ -444,8 +445,8 @@ class QEnsemble(nn.Module):
         b1, b2, b3 = self.biases
         hs = torch.baddbmm(b1, s.expand(k, -1, -1), w1[:, :self.state_dim])  # [K, B, H]
         ha = torch.bmm(a.reshape(1, b * n, -1).expand(k, -1, -1), w1[:, self.state_dim:])  # [K, B*n, H]
-        h = F.relu(ha.view(k, b, n, -1) + hs[:, :, None]).view(k, b * n, -1)
-        h = F.relu(torch.baddbmm(b2, h, w2))
+        h = (ha.view(k, b, n, -1) + hs[:, :, None]).relu_().view(k, b * n, -1)
+        h = torch.baddbmm(b2, h, w2).relu_()
         q = torch.baddbmm(b3, h, w3).view(k, b, n)  # [K, B, n]
         return q[..., 0] if single else q
 

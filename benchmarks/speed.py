@@ -1,0 +1,373 @@
+"""Speed benchmark of bear-train.py: prints a table, one part at a time or all of them.
+
+    python benchmarks/speed.py                      # every part except regen (about 10 minutes)
+    python benchmarks/speed.py --parts update d3rlpy flops
+    python benchmarks/speed.py --parts regen        # regenerate a 1M-step random dataset (about 2 minutes)
+
+Parts:
+  update   post-warm-up BEAR update rate (steps/s), default hyperparameters, synthetic walker2d-shaped data
+           (obs 17, act 6) in memory, CPU, 2 threads
+  d3rlpy   the same for d3rlpy 2.8.1's BEAR configured identically, timed A B A B against ours in one run
+           (needs a separate venv: see README; skipped when it is absent)
+  flops    counted matrix-multiply arithmetic per step from the layer shapes, the time those matrix multiplies
+           take on this machine when run alone, and the fraction of that limit the update achieves
+  scaling  steps/s for K = 2, 5, 10 critics and batch 256, 512, 1024; the ensemble as one batched module vs a
+           loop of K networks
+  eval     seconds for 10 episodes x 1000 steps with 100 candidates per step (HalfCheetah-v4 never terminates,
+           so every episode runs the full 1000 steps)
+  data     seconds and peak RSS to load a 1M-transition D4RL-layout file into training tensors
+  regen    seconds to regenerate a 1M-step random dataset on 2 cores
+
+Every timing runs in a fresh worker process (this file with --worker), so the two implementations are measured
+under the same conditions; this shared machine is noisy, so compare ratios measured in one run.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OBS, ACT = 17, 6
+
+
+def load_bear():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bear_train", ROOT / "bear-train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bear_train"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def synthetic(n=100_000, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {"observations": rng.normal(size=(n, OBS)).astype(np.float32),
+            "actions": rng.uniform(-1, 1, (n, ACT)).astype(np.float32),
+            "rewards": rng.normal(size=n).astype(np.float32),
+            "next_observations": rng.normal(size=(n, OBS)).astype(np.float32),
+            "terminals": (rng.random(n) < 0.05).astype(np.float32)}
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def worker_bear(args) -> dict:
+    """Steps/s of bear-train.py's update after warm-up (the full update: sampling on the device included)."""
+    import torch
+
+    bear = load_bear()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = bear.Config(num_critics=args.k, batch_size=args.batch, compile=args.compile)
+    buffer = bear.ReplayBuffer(synthetic(), torch.device("cpu"))
+    agent = bear.BEAR(cfg, OBS, ACT, "laplacian", torch.device("cpu"))
+    if args.loop:
+        agent.critics.forward = looped_forward(agent.critics)
+        agent.target_critics.forward = looped_forward(agent.target_critics)
+    for _ in range(args.warmup):
+        agent.update(buffer.sample(cfg.batch_size), False)
+    agent.metric_sum.tolist()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        agent.update(buffer.sample(cfg.batch_size), False)  # post-warm-up: the Q term is in the actor loss
+    agent.metric_sum.tolist()
+    return {"steps_per_s": args.steps / (time.perf_counter() - t)}
+
+
+def looped_forward(ensemble):
+    """The same K critics evaluated one after another with 2-D matrix multiplies (the loop alternative)."""
+    import torch
+    import torch.nn.functional as F
+
+    def forward(s, a):
+        single = a.dim() == 2
+        if single:
+            a = a[:, None]
+        b, n, _ = a.shape
+        out = []
+        for k in range(ensemble.weights[0].shape[0]):
+            w1, w2, w3 = (w[k] for w in ensemble.weights)
+            b1, b2, b3 = (x[k, 0] for x in ensemble.biases)
+            hs = torch.addmm(b1, s, w1[:ensemble.state_dim])  # [B, H]
+            ha = (a.reshape(b * n, -1) @ w1[ensemble.state_dim:]).view(b, n, -1)
+            h = F.relu(ha + hs[:, None]).view(b * n, -1)
+            h = F.relu(torch.addmm(b2, h, w2))
+            out.append(torch.addmm(b3, h, w3).view(b, n))
+        q = torch.stack(out)  # [K, B, n]
+        return q[..., 0] if single else q
+
+    return forward
+
+
+def worker_d3rlpy(args) -> dict:
+    """d3rlpy 2.8.1 BEAR with the same networks and hyperparameters; its own sampling + update, as in its fit loop."""
+    import d3rlpy
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    d3rlpy.seed(0)
+    data = synthetic()
+    timeouts = np.zeros(len(data["rewards"]), bool)
+    timeouts[999::1000] = True
+    data["terminals"][timeouts] = 0.0  # d3rlpy refuses rows that are both
+    dataset = d3rlpy.dataset.MDPDataset(data["observations"], data["actions"], data["rewards"],
+                                        data["terminals"], timeouts)
+    enc = d3rlpy.models.encoders.VectorEncoderFactory
+    config = d3rlpy.algos.BEARConfig(
+        actor_learning_rate=1e-4, critic_learning_rate=3e-4, imitator_learning_rate=3e-4, alpha_learning_rate=1e-3,
+        temp_learning_rate=0.0, initial_temperature=1e-20, initial_alpha=1.0, actor_encoder_factory=enc([256, 256]),
+        critic_encoder_factory=enc([256, 256]), imitator_encoder_factory=enc([750, 750]), batch_size=args.batch,
+        gamma=0.99, tau=0.005, n_critics=args.k, alpha_threshold=0.05, lam=0.75, n_action_samples=100,
+        n_target_samples=10, n_mmd_action_samples=4, mmd_kernel="laplacian", mmd_sigma=20.0, vae_kl_weight=0.5,
+        warmup_steps=0)
+    algo = config.create(device="cpu:0")
+    algo.build_with_dataset(dataset)
+    for _ in range(args.warmup):
+        algo.update(dataset.sample_transition_batch(args.batch))
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        algo.update(dataset.sample_transition_batch(args.batch))
+    full = args.steps / (time.perf_counter() - t)
+    batch = dataset.sample_transition_batch(args.batch)
+    t = time.perf_counter()
+    for _ in range(args.steps // 2):
+        algo.update(batch)
+    return {"steps_per_s": full, "update_only_steps_per_s": (args.steps // 2) / (time.perf_counter() - t)}
+
+
+def gemm_shapes(k=2, batch=256, n=4, n_t=10, s=OBS, a=ACT, hv=750, ha=256, hc=256):
+    """Every matrix multiply of one post-warm-up update, as (rows, inner, cols, count), forward and backward:
+    a layer on m rows from i to o costs m*i*o forward, as much again for the input gradient (when one is needed)
+    and for the weight gradient (when the layer trains)."""
+    z = 2 * a
+    shapes = []
+
+    def layer(m, i, o, grad_in=True, train=True, count=1):
+        shapes.append((m, i, o, count))  # forward
+        if grad_in:
+            shapes.append((m, o, i, count))  # input gradient
+        if train:
+            shapes.append((i, m, o, count))  # weight gradient
+
+    # 1. VAE: encoder on [s, a], decoder on [s, z] (state part and latent part of the first layer)
+    layer(batch, s + a, hv, grad_in=False)
+    layer(batch, hv, hv)
+    layer(batch, hv, 2 * z)
+    layer(batch, s, hv, grad_in=False)
+    layer(batch, z, hv)
+    layer(batch, hv, hv)
+    layer(batch, hv, a)
+    # 2. target: actor at s', K target critics on n_t actions per state (state part once per state)
+    layer(batch, s, ha, False, False)
+    layer(batch, ha, ha, False, False)
+    layer(batch, ha, 2 * a, False, False)
+    layer(batch, s, hc, False, False, k)
+    layer(batch * n_t, a, hc, False, False, k)
+    layer(batch * n_t, hc, hc, False, False, k)
+    layer(batch * n_t, hc, 1, False, False, k)
+    # 3. critics on (s, a)
+    layer(batch, s, hc, False, True, k)
+    layer(batch, a, hc, False, True, k)
+    layer(batch, hc, hc, True, True, k)
+    layer(batch, hc, 1, True, True, k)
+    # 4. actor: VAE samples (no gradient), actor forward/backward, critics on the policy action (input grads only)
+    layer(batch, s, hv, False, False)
+    layer(batch * n, z, hv, False, False)
+    layer(batch * n, hv, hv, False, False)
+    layer(batch * n, hv, a, False, False)
+    layer(batch, s, ha, False, True)
+    layer(batch, ha, ha, True, True)
+    layer(batch, ha, 2 * a, True, True)
+    layer(batch, s, hc, False, False, k)
+    layer(batch, a, hc, True, False, k)
+    layer(batch, hc, hc, True, False, k)
+    layer(batch, hc, 1, True, False, k)
+    return shapes
+
+
+def worker_flops(args) -> dict:
+    """Times every matrix multiply of one update on its own (torch.mm at that shape): their sum is the time an
+    update would take if it did nothing but its matrix multiplies at this machine's rate for those shapes."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    shapes = gemm_shapes(k=args.k, batch=args.batch)
+    total_flops, total_time = 0, 0.0
+    for m, i, o, count in shapes:
+        x, w = torch.randn(m, i), torch.randn(i, o)
+        for _ in range(3):
+            x @ w
+        reps = max(5, int(2e8 / max(m * i * o, 1)))
+        t = time.perf_counter()
+        for _ in range(reps):
+            x @ w
+        total_time += (time.perf_counter() - t) / reps * count
+        total_flops += 2 * m * i * o * count
+    big = torch.randn(1024, 1024)
+    t = time.perf_counter()
+    for _ in range(20):
+        big @ big
+    peak = 20 * 2 * 1024 ** 3 / (time.perf_counter() - t)
+    return {"flops_per_step": total_flops, "matmul_seconds_per_step": total_time, "large_gemm_flops_per_s": peak}
+
+
+def worker_eval(args) -> dict:
+    import torch
+
+    bear = load_bear()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    agent = bear.BEAR(bear.Config(), OBS, ACT, "gaussian", torch.device("cpu"))
+    evaluator = bear.Evaluator("HalfCheetah-v4", 10, 0)
+    t = time.perf_counter()
+    returns = evaluator.run(agent, torch.Generator().manual_seed(0))
+    return {"seconds": time.perf_counter() - t, "episodes": len(returns)}
+
+
+def worker_data(args) -> dict:
+    import resource
+
+    import torch
+
+    bear = load_bear()
+    torch.set_num_threads(args.threads)
+    t = time.perf_counter()
+    transitions = bear.to_transitions(bear.read_d4rl(Path(args.file), "walker2d"))
+    buffer = bear.ReplayBuffer(transitions, torch.device("cpu"))
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "transitions": buffer.size,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+
+
+def worker_regen(args) -> dict:
+    bear = load_bear()
+    spec = bear.resolve_dataset("walker2d-random-v2")
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        bear.regenerate_random(spec, 1_000_000, Path(tmp) / "regen.hdf5")
+        seconds = time.perf_counter() - t
+        data = bear.to_transitions(bear.read_d4rl(Path(tmp) / "regen.hdf5", "walker2d"))
+    return {"seconds": seconds, "transitions": len(data["rewards"]), "terminals": int(data["terminals"].sum())}
+
+
+WORKERS = {"bear": worker_bear, "d3rlpy": worker_d3rlpy, "flops": worker_flops, "eval": worker_eval,
+           "data": worker_data, "regen": worker_regen}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def spawn(kind, python=sys.executable, **kw) -> dict:
+    cmd = [python, __file__, f"--worker={kind}"] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def row(name, value, note=""):
+    print(f"| {name} | {value} | {note} |", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", nargs="+", default=["update", "d3rlpy", "flops", "scaling", "eval", "data"],
+                   choices=["update", "d3rlpy", "flops", "scaling", "eval", "data", "regen"])
+    p.add_argument("--rounds", type=int, default=3, help="A B rounds; medians are reported")
+    p.add_argument("--steps", type=int, default=200, help="timed updates per worker")
+    p.add_argument("--d3rlpy-python", default=os.environ.get("D3RLPY_PYTHON", str(ROOT / ".venv-d3rlpy/bin/python")))
+    # worker-only options
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--k", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=256, help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=int, default=20, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--loop", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--compile", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--file", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args)))
+        return
+
+    import platform
+
+    import torch
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"2 threads; {time.strftime('%Y-%m-%d')}\n")
+    print("| figure | value | how |\n|---|---|---|")
+    ours = None
+    if "update" in args.parts or "d3rlpy" in args.parts:
+        have_d3 = "d3rlpy" in args.parts and Path(args.d3rlpy_python).exists()
+        a, b = [], []
+        for _ in range(args.rounds):  # A B A B ...
+            a.append(spawn("bear", steps=args.steps)["steps_per_s"])
+            if have_d3:
+                b.append(spawn("d3rlpy", python=args.d3rlpy_python, steps=args.steps))
+        ours = statistics.median(a)
+        row("BEAR update, K=2, batch 256 (steps/s)", f"{ours:.1f}", f"median of {', '.join(f'{x:.1f}' for x in a)}")
+        if have_d3:
+            theirs = statistics.median(x["steps_per_s"] for x in b)
+            upd = statistics.median(x["update_only_steps_per_s"] for x in b)
+            row("d3rlpy 2.8.1 BEAR, same settings, its sampling + update (steps/s)", f"{theirs:.1f}",
+                "median of " + ", ".join(f"{x['steps_per_s']:.1f}" for x in b))
+            row("d3rlpy 2.8.1 BEAR, update on a fixed batch (steps/s)", f"{upd:.1f}", "excludes its batch sampling")
+            row("ratio ours / d3rlpy (medians, same run)", f"{ours / theirs:.2f}x", f"{ours / upd:.2f}x against its update alone")
+        elif "d3rlpy" in args.parts:
+            row("d3rlpy 2.8.1 BEAR", "skipped", f"no interpreter at {args.d3rlpy_python} (see README)")
+    if "flops" in args.parts:
+        f = spawn("flops")
+        if ours is None:
+            ours = statistics.median(spawn("bear", steps=args.steps)["steps_per_s"] for _ in range(args.rounds))
+        limit = 1 / f["matmul_seconds_per_step"]
+        row("matrix-multiply arithmetic per update (GFLOP)", f"{f['flops_per_step'] / 1e9:.2f}", "counted from the layer shapes")
+        row("matrix-multiply rate at those shapes (GFLOP/s)", f"{f['flops_per_step'] / f['matmul_seconds_per_step'] / 1e9:.0f}",
+            f"large 1024x1024 GEMM: {f['large_gemm_flops_per_s'] / 1e9:.0f}")
+        row("arithmetic limit (steps/s)", f"{limit:.1f}", "every matmul of a step, each timed alone")
+        row("achieved fraction of the limit", f"{ours / limit:.0%}", f"{ours:.1f} / {limit:.1f} steps/s")
+    if "scaling" in args.parts:
+        for k in (2, 5, 10):
+            batched = spawn("bear", k=k, steps=args.steps // 2)["steps_per_s"]
+            looped = spawn("bear", k=k, steps=args.steps // 2, loop=1)["steps_per_s"]
+            row(f"K={k} critics, batch 256 (steps/s)", f"{batched:.1f}", f"as a loop of {k} networks: {looped:.1f}")
+        for batch in (512, 1024):
+            row(f"K=2, batch {batch} (steps/s)", f"{spawn('bear', batch=batch, steps=args.steps // 2)['steps_per_s']:.1f}", "")
+    if "eval" in args.parts:
+        e = spawn("eval")
+        row("evaluation, 10 episodes x 1000 steps, 100 candidates (s)", f"{e['seconds']:.1f}", "HalfCheetah-v4")
+    if "data" in args.parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "walker2d_random-v2.hdf5"
+            write_million(path)
+            d = spawn("data", file=path)
+        row("load 1M transitions into training tensors (s)", f"{d['seconds']:.1f}",
+            f"peak RSS {d['peak_rss_gb']:.2f} GB, {d['transitions']} transitions, gzip like D4RL's")
+    if "regen" in args.parts:
+        r = spawn("regen")
+        row("regenerate walker2d-random, 1M steps, 2 cores (s)", f"{r['seconds']:.0f}",
+            f"{r['transitions']} transitions, {r['terminals']} terminal")
+
+
+def write_million(path: Path, n=1_000_000):
+    """A D4RL-layout file of n rows with walker2d's shapes, gzip-compressed as D4RL's files are."""
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("observations", data=rng.normal(size=(n, OBS)).astype(np.float32), compression="gzip")
+        f.create_dataset("next_observations", data=rng.normal(size=(n, OBS)).astype(np.float32), compression="gzip")
+        f.create_dataset("actions", data=rng.uniform(-1, 1, (n, ACT)).astype(np.float32), compression="gzip")
+        f.create_dataset("rewards", data=rng.normal(size=n).astype(np.float32), compression="gzip")
+        f.create_dataset("terminals", data=rng.random(n) < 0.05, compression="gzip")
+        f.create_dataset("timeouts", data=np.zeros(n, bool), compression="gzip")
+
+
+if __name__ == "__main__":
+    main()
