@@ -9,6 +9,7 @@ import argparse
 import csv
 import dataclasses
 import difflib
+import http.client
 import json
 import math
 import os
@@ -158,36 +159,50 @@ def resolve_dataset(dataset: str, env_override: str = "") -> DatasetSpec:
     raise UserError(f"unknown dataset '{dataset}': {hint}")
 
 
-def download(url: str, dest: Path, expected_size: int | None) -> None:
-    """Download to dest.part (resuming it with an HTTP Range request), check the size, then rename into place."""
+def download(url: str, dest: Path, expected_size: int | None, env: str, attempts: int = 3) -> dict[str, np.ndarray]:
+    """Download into dest.part, resuming a cut transfer with an HTTP Range request; check the size and the
+    structure of the new file, and only then rename it over dest. Returns the file's arrays."""
     from tqdm import tqdm
 
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code != 416:  # 416: the partial file is already complete (or longer than the file)
+    for attempt in range(attempts):
+        have = part.stat().st_size if part.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                if have and response.status != 206:  # the server ignored the Range request: start over
+                    have = 0
+                total = int(response.headers.get("Content-Length", 0)) + have or expected_size
+                with open(part, "ab" if have else "wb") as f, tqdm(
+                        total=total, initial=have, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                    f.flush()
+                    os.fsync(f.fileno())
+                if total and part.stat().st_size < total:
+                    raise http.client.IncompleteRead(b"", total - part.stat().st_size)
+            break
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # the partial file is already complete (or longer than the file)
+                break
             raise
-        response, have = urllib.request.urlopen(url, timeout=60), 0
-    with response:
-        if have and response.status != 206:  # the server ignored the Range request: start over
-            have = 0
-        total = int(response.headers.get("Content-Length", 0)) + have or expected_size
-        with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                                           desc=f"downloading {dest.name}") as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-            f.flush()
-            os.fsync(f.fileno())
+        except (http.client.HTTPException, ConnectionError, TimeoutError) as e:
+            if attempt == attempts - 1:
+                raise OSError(f"transfer cut {attempts} times ({e!r}); run again to resume it") from e
+            warn(f"download of {url} was cut ({e!r}); resuming from byte {part.stat().st_size if part.exists() else 0}")
     got = part.stat().st_size
     if expected_size is not None and got != expected_size:
         part.unlink()
-        raise OSError(f"downloaded {got} bytes of {url}, expected {expected_size}")
+        raise OSError(f"got {got} bytes, D4RL publishes {expected_size}")
+    try:
+        data = read_d4rl(part, env)
+    except UserError as e:
+        part.unlink()
+        raise OSError(f"the downloaded file fails its checks: {e}") from None
     os.replace(part, dest)
+    return data
 
 
 def read_d4rl(path: Path, env: str) -> dict[str, np.ndarray]:
@@ -310,34 +325,48 @@ def regenerate_random(spec: DatasetSpec, steps: int, dest: Path, workers: int = 
 
 
 def find_dataset(cfg: Config) -> tuple[dict[str, np.ndarray], Path, str, str, list[str]]:
-    """Returns (arrays, file, env, source, notes); source is one of cache, download, file, regenerated."""
+    """Returns (arrays, file, env, source, notes); source is one of cache, download, file, regenerated.
+    A cached file that fails its checks is never loaded: it is downloaded again, and replaced only by a new
+    file that passes them; offline, the error names it."""
     spec = resolve_dataset(cfg.dataset, cfg.env)
     notes = []
     if not spec.url:
         return read_d4rl(spec.path, spec.env), spec.path, spec.env, "file", notes
+    bad_cache = None
     if spec.path.exists():
-        data = read_d4rl(spec.path, spec.env)
-        size = spec.path.stat().st_size
-        if spec.size is not None and size != spec.size:
-            notes.append(f"{spec.path} is {size} bytes, D4RL publishes {spec.size}: scores may not match published ones")
-            warn(notes[-1])
-        return data, spec.path, spec.env, "cache", notes
+        try:
+            data = read_d4rl(spec.path, spec.env)
+        except UserError as e:
+            bad_cache = e
+            warn(f"the cached file fails its checks ({e}); downloading it again")
+        else:
+            size = spec.path.stat().st_size
+            if spec.size is not None and size != spec.size:
+                notes.append(f"{spec.path} is {size} bytes, D4RL publishes {spec.size}: scores may not match published ones")
+                warn(notes[-1])
+            return data, spec.path, spec.env, "cache", notes
     try:
-        download(spec.url, spec.path, spec.size)
-        return read_d4rl(spec.path, spec.env), spec.path, spec.env, "download", notes
+        return download(spec.url, spec.path, spec.size, spec.env), spec.path, spec.env, "download", notes
     except (OSError, urllib.error.URLError) as e:
         reason = getattr(e, "reason", e)
+        if bad_cache:
+            raise UserError(f"{bad_cache}; downloading it again failed ({reason}): place a good copy from {spec.url} "
+                            f"at {spec.path}")
         if spec.kind != "random":
             raise UserError(f"could not download {spec.url} ({reason}); download it by hand and place it at {spec.path}")
         regen = regenerated_path(spec, cfg.regen_steps)
         notes.append(f"could not download {spec.url} ({reason}); training on {regen.name}, REGENERATED offline by "
                      f"D4RL's random recipe in gymnasium {ENVS[spec.env][0]}: scores are NOT comparable with published tables")
         warn(notes[-1], loud=True)
-        if not regen.exists():
-            t0 = time.time()
-            print(f"regenerating {cfg.regen_steps} random steps on 2 cores ...", flush=True)
-            regenerate_random(spec, cfg.regen_steps, regen)
-            print(f"regenerated {regen} in {time.time() - t0:.0f} s", flush=True)
+        if regen.exists():
+            try:
+                return read_d4rl(regen, spec.env), regen, spec.env, "regenerated", notes
+            except UserError as e:
+                warn(f"regenerating again: {e}")
+        t0 = time.time()
+        print(f"regenerating {cfg.regen_steps} random steps on 2 cores ...", flush=True)
+        regenerate_random(spec, cfg.regen_steps, regen)
+        print(f"regenerated {regen} in {time.time() - t0:.0f} s", flush=True)
         return read_d4rl(regen, spec.env), regen, spec.env, "regenerated", notes
 
 
