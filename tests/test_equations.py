@@ -132,7 +132,7 @@ def test_ensemble_members_are_independent_networks(bear):
     q = agent.critics(s, a)  # [K, B]
     assert q.shape == (5, 6)
     w1, w2, w3 = agent.critics.weights
-    b1, b2, b3 = agent.critics.biases
+    b1, b2, b3 = agent.critics.biases  # [K, out]
     for k in range(5):  # member k as a plain MLP on [s, a]
         h = torch.relu(torch.cat([s, a], 1) @ w1[k] + b1[k])
         h = torch.relu(h @ w2[k] + b2[k])

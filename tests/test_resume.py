@@ -1,0 +1,149 @@
+"""A run never wastes compute: checkpoints, exact resume after SIGKILL or SIGTERM, determinism, divergence."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SCRIPT, write_d4rl_file
+
+SMALL = ["--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=64", "--batch-size=64", "--warmup-steps=100",
+         "--log-every=25", "--eval-episodes=1", "--eval-candidates=10", "--gpu=-1"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "walker2d_small.hdf5"
+    write_d4rl_file(path, n=3000)
+    return path
+
+
+def command(dataset, log_dir, *extra, steps=400, every=100, seed=0):
+    return [sys.executable, str(SCRIPT), f"--dataset={dataset}", f"--log-dir={log_dir}", f"--seed={seed}",
+            f"--max-steps={steps}", f"--eval-every={every}", *SMALL, *extra]
+
+
+def run(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return out
+
+
+def run_dir(log_dir, seed=0):
+    return log_dir / f"walker2d_small__seed{seed}"
+
+
+def wait_for(path, proc, timeout=300):
+    t = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t < timeout
+        time.sleep(0.005)
+
+
+def final_parameters(folder):
+    ckpts = sorted(folder.glob("checkpoint-*.pt"))
+    state = torch.load(ckpts[-1], weights_only=False)
+    return state["step"], state["agent"]
+
+
+def same_parameters(a, b):
+    for name in ("vae", "actor", "critics", "target_critics"):
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), f"{name}.{key} differs"
+    assert torch.equal(a["log_alpha"], b["log_alpha"])
+
+
+def scores(folder):
+    results = json.loads((folder / "results.json").read_text())
+    return {k: results[k] for k in ("final_normalized_score", "best_normalized_score", "final_return", "best_return",
+                                    "steps")}
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("reference")
+    out = run(command(dataset, log_dir))
+    assert out.returncode == 0, out.stderr
+    return run_dir(log_dir)
+
+
+def test_sigkill_then_resume_is_bitwise_identical(dataset, reference, tmp_path):
+    cmd = command(dataset, tmp_path)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(run_dir(tmp_path) / "checkpoint-000000200.pt", proc)
+    time.sleep(0.3)  # somewhere between two evaluations, possibly mid-write of metrics or a checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir(tmp_path) / "results.json").exists()  # it really was cut short
+    out = run(cmd + ["--resume"])
+    assert out.returncode == 0, out.stderr
+    assert "resuming" in out.stdout
+    assert (run_dir(tmp_path) / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
+    assert scores(run_dir(tmp_path)) == scores(reference)
+    step_a, params_a = final_parameters(reference)
+    step_b, params_b = final_parameters(run_dir(tmp_path))
+    assert step_a == step_b == 400
+    same_parameters(params_a, params_b)
+    assert len(list(run_dir(tmp_path).glob("checkpoint-*.pt"))) == 2  # the newest two are kept
+
+
+def test_sigterm_saves_exits_75_and_resumes_exactly(dataset, reference, tmp_path):
+    cmd = command(dataset, tmp_path)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(run_dir(tmp_path) / "checkpoint-000000100.pt", proc)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "--resume" in err
+    steps = [int(p.stem.split("-")[1]) for p in run_dir(tmp_path).glob("checkpoint-*.pt")]
+    assert max(steps) > 100 or steps == [100]
+    out = run(cmd + ["--resume"])
+    assert out.returncode == 0, out.stderr
+    assert (run_dir(tmp_path) / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
+    assert scores(run_dir(tmp_path)) == scores(reference)
+    same_parameters(final_parameters(reference)[1], final_parameters(run_dir(tmp_path))[1])
+
+
+def test_same_seed_same_metrics_other_seed_differs(dataset, reference, tmp_path):
+    out = run(command(dataset, tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert (run_dir(tmp_path) / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
+    out = run(command(dataset, tmp_path, seed=1, steps=100))
+    assert out.returncode == 0, out.stderr
+    first = (reference / "metrics.csv").read_text().splitlines()[1]
+    other = (run_dir(tmp_path, seed=1) / "metrics.csv").read_text().splitlines()[1]
+    assert first.split(",")[0] == other.split(",")[0] == "25" and first != other
+
+
+def test_resume_without_checkpoint_starts_fresh_and_resume_refuses_other_settings(dataset, tmp_path):
+    out = run(command(dataset, tmp_path, "--resume", steps=50, every=50))
+    assert out.returncode == 0, out.stderr
+    assert "resuming" not in out.stdout
+    out = run(command(dataset, tmp_path, "--resume", "--batch-size=32", steps=50, every=50))
+    assert out.returncode == 2 and "was started with --batch-size=64" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_non_finite_loss_stops_naming_term_and_step_and_keeps_the_checkpoint(tmp_path):
+    path = tmp_path / "walker2d_poison.hdf5"
+    write_d4rl_file(path, n=500)
+    out = run(command(path, tmp_path / "runs", steps=50, every=50))
+    assert out.returncode == 0, out.stderr
+    folder = tmp_path / "runs" / "walker2d_poison__seed0"
+    ckpt = folder / "checkpoint-000000050.pt"
+    before = ckpt.read_bytes()
+    write_d4rl_file(path, n=500, rewards=np.full(500, 1e38, np.float32))  # (Q - y)^2 overflows float32
+    out = run(command(path, tmp_path / "runs", "--resume", steps=100, every=50))
+    assert out.returncode == 1
+    assert "critic_loss became non-finite at step 51" in out.stderr and "Traceback" not in out.stderr
+    assert ckpt.read_bytes() == before
+    assert sorted(p.name for p in folder.glob("checkpoint-*.pt")) == [ckpt.name]
+    assert json.loads((folder / "results.json").read_text())["steps"] == 50  # the finished 50-step run's, untouched
