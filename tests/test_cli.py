@@ -124,3 +124,49 @@ def test_importing_runs_nothing(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, "--dataset=nonsense"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout == "imported 1000000\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def _bad_files(tmp_path):
+    import numpy as np
+
+    cases = {}
+    (tmp_path / "walker2d_text.hdf5").write_text("not hdf5")
+    cases["not_hdf5"] = ("walker2d_text.hdf5", "is not a readable HDF5 file")
+    write_d4rl_file(tmp_path / "walker2d_nokeys.hdf5", n=50, timeouts=None)
+    cases["missing_keys"] = ("walker2d_nokeys.hdf5", "lacks the key(s) timeouts")
+    write_d4rl_file(tmp_path / "walker2d_short.hdf5", n=50, rewards=np.zeros(49, np.float32))
+    cases["lengths"] = ("walker2d_short.hdf5", "inconsistent length")
+    acts = np.zeros((50, 6), np.float32)
+    acts[7, 2] = np.nan
+    write_d4rl_file(tmp_path / "walker2d_nan.hdf5", n=50, actions=acts)
+    cases["nan"] = ("walker2d_nan.hdf5", "actions has a non-finite value in row 7")
+    write_d4rl_file(tmp_path / "hopper_wide.hdf5", n=50, obs_dim=17)
+    cases["dims"] = ("hopper_wide.hdf5", "observations have shape (50, 17), hopper needs (N, 11)")
+    cases["missing"] = ("walker2d_missing.hdf5", "does not exist")
+    return cases
+
+
+@pytest.mark.parametrize("case", ["not_hdf5", "missing_keys", "lengths", "nan", "dims", "missing", "log_file",
+                                  "log_unwritable"])
+def test_bad_files_and_folders_are_one_line_exit_2_and_change_nothing(tmp_path, case):
+    data = tmp_path / "data"
+    data.mkdir()
+    cases = _bad_files(data)
+    if case in cases:
+        args, message = [f"--dataset={data / cases[case][0]}"], cases[case][1]
+    else:
+        write_d4rl_file(data / "walker2d_ok.hdf5", n=50)
+        args = [f"--dataset={data / 'walker2d_ok.hdf5'}"]
+        if case == "log_file":
+            (tmp_path / "afile").write_text("keep me")
+            args.append(f"--log-dir={tmp_path / 'afile'}")
+            message = "is a file, not a folder"
+        else:
+            args.append("--log-dir=/proc/bear-runs")  # even root cannot create folders there
+            message = "is not writable"
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    out = run(args + ["--gpu=-1"], tmp_path, tmp_path / "cache")
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr and "Traceback" not in out.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "runs").exists()
