@@ -817,7 +817,7 @@ def summarize(root: Path) -> str:
         if not evals:
             continue
         finished = results_path.exists()
-        runs.setdefault(config["dataset"], []).append(
+        runs.setdefault(config.get("dataset_name", config["dataset"]), []).append(
             {"seed": config["seed"], "evals": evals, "finished": finished, "source": config.get("dataset_source", "?")})
     if not runs:
         raise UserError(f"no runs with an evaluation under {root}; point --summarize at a --log-dir")
@@ -980,7 +980,7 @@ def train(cfg: Config) -> dict:
     else:
         run_dir.mkdir(parents=True, exist_ok=resuming)
         write_json(run_dir / "config.json", dataclasses.asdict(cfg) | {
-            "env_id": env_id, "kernel_used": kernel, "dataset_file": str(path), "dataset_source": source,
+            "dataset_name": spec.name, "env_id": env_id, "kernel_used": kernel, "dataset_file": str(path), "dataset_source": source,
             "dataset_notes": notes, "device": str(device)})
     logger = Logger(run_dir, cfg, state["csv_offset"], f"BEAR {spec.name} seed {cfg.seed}")
 

@@ -1,0 +1,83 @@
+"""What a run shows: TensorBoard events, the curves PNG, and --summarize seed tables across runs."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import SCRIPT, write_d4rl_file
+
+SMALL = ["--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=64", "--batch-size=64", "--warmup-steps=20",
+         "--log-every=20", "--eval-episodes=2", "--eval-candidates=10", "--gpu=-1", "--max-steps=80",
+         "--eval-every=40"]
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    write_d4rl_file(root / "hopper_tiny.hdf5", n=1000, obs_dim=11, act_dim=3)
+    for seed in (0, 1):
+        out = run(f"--dataset={root / 'hopper_tiny.hdf5'}", f"--seed={seed}", "--log-dir=runs", *SMALL, cwd=root)
+        assert out.returncode == 0, out.stderr
+    return root
+
+
+def test_each_run_has_tensorboard_events_and_a_curves_png(two_seeds):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for seed in (0, 1):
+        folder = two_seeds / "runs" / f"hopper_tiny__seed{seed}"
+        png = (folder / "curves.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000
+        events = EventAccumulator(str(folder)).Reload()
+        tags = events.Tags()
+        for tag in ("losses/critic_loss", "losses/actor_loss", "losses/vae_loss", "losses/alpha_loss", "charts/alpha",
+                    "charts/mmd", "charts/q_mean", "charts/steps_per_second", "eval/eval_normalized_score",
+                    "eval/eval_return"):
+            assert tag in tags["scalars"], tag
+        assert [e.step for e in events.Scalars("eval/eval_normalized_score")] == [40, 80]
+        assert any("hyperparameters" in t for t in tags["tensors"])
+
+
+def test_summarize_gives_mean_and_std_over_seeds_and_marks_unfinished_and_regenerated(two_seeds):
+    runs = two_seeds / "runs"
+    out = run(f"--summarize={runs}", cwd=two_seeds)
+    assert out.returncode == 0, out.stderr
+    finals = [json.loads((runs / f"hopper_tiny__seed{s}" / "results.json").read_text())["final_normalized_score"]
+              for s in (0, 1)]
+    mean, std = sum(finals) / 2, abs(finals[0] - finals[1]) / 2  # numpy's std (ddof 0) of two numbers
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| hopper_tiny |"))
+    assert f"| 2 | 80 | {mean:.1f} ± {std:.1f} |" in row
+    assert (runs / "summary.md").read_text().startswith("| dataset |")
+    assert (runs / "summary_hopper_tiny.png").read_bytes().startswith(b"\x89PNG")
+
+    # an unfinished run (no results.json) and one on regenerated data are marked
+    copy = runs / "hopper_tiny__seed2"
+    shutil.copytree(runs / "hopper_tiny__seed0", copy)
+    (copy / "results.json").unlink()
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"seed": 2, "dataset_source": "regenerated"}))
+    out = run(f"--summarize={runs}", cwd=two_seeds)
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| hopper_tiny |"))
+    assert "| 3 |" in row and "1 unfinished" in row and "REGENERATED" in row
+
+
+def test_summarize_of_an_empty_folder_is_a_one_line_error(tmp_path):
+    out = run(f"--summarize={tmp_path}", cwd=tmp_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "no runs" in out.stderr
+
+
+def test_wandb_flag_without_the_package_is_a_one_line_error(tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import wandb  # noqa: F401
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    out = run("--wandb", "--gpu=-1", cwd=tmp_path)
+    assert out.returncode == 2 and "pip install wandb" in out.stderr and len(out.stderr.strip().splitlines()) == 1
