@@ -133,9 +133,9 @@ def d4rl_dir() -> Path:
 
 def resolve_dataset(dataset: str, env_override: str = "") -> DatasetSpec:
     """A D4RL name -> its file name, URL and cache path (D4RL names the cached file after the URL's last part)."""
-    m = re.fullmatch(r"(halfcheetah|hopper|walker2d|ant)-(.+)-v([012])", dataset)
-    if m and m[2] in KINDS and dataset in ALL_NAMES:
-        env, kind, version = m[1], m[2], int(m[3])
+    if dataset in ALL_NAMES:
+        env, kind, version = re.fullmatch(r"([a-z0-9]+)-(.+)-v(\d)", dataset).groups()
+        version = int(version)
         if version == 2:
             rel = f"gym_mujoco_v2/{env}_{kind.replace('-', '_')}-v2.hdf5"
         elif version == 1:
@@ -453,7 +453,7 @@ class Actor(nn.Module):
 class QEnsemble(nn.Module):
     """K critics (s, a) -> 256 -> 256 -> 1, their weights stacked as [K, in, out]. Accepts n actions per state
     ([B, n, A]) and computes the state part of the first layer once per state. The members run one after another
-    as plain 2-D matrix multiplies: on the CPU that beat one batched bmm (same at K=2, 1.5x faster at K=10; see
+    as plain 2-D matrix multiplies: on the CPU that ties one batched bmm at K=2 and is about 1.4x faster at K=10 (see
     benchmarks/speed.py); with --compile on a GPU, CUDA graphs remove the per-member launch cost."""
 
     def __init__(self, state_dim: int, action_dim: int, hidden: int, k: int):
