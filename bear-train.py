@@ -453,8 +453,8 @@ class Actor(nn.Module):
 class QEnsemble(nn.Module):
     """K critics (s, a) -> 256 -> 256 -> 1, their weights stacked as [K, in, out]. Accepts n actions per state
     ([B, n, A]) and computes the state part of the first layer once per state. The members run one after another
-    as plain 2-D matrix multiplies: on the CPU that ties one batched bmm at K=2 and is about 1.4x faster at K=10 (see
-    benchmarks/speed.py); with --compile on a GPU, CUDA graphs remove the per-member launch cost."""
+    as plain 2-D matrix multiplies: on the CPU that beat one batched bmm at K=2 and K=10 (benchmarks/speed.py);
+    with --compile on a GPU, CUDA graphs remove the per-member launch cost."""
 
     def __init__(self, state_dim: int, action_dim: int, hidden: int, k: int):
         super().__init__()

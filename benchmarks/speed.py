@@ -11,8 +11,10 @@ Parts:
            (needs a separate venv: see README; skipped when it is absent)
   flops    counted matrix-multiply arithmetic per step from the layer shapes, the time those matrix multiplies
            take on this machine when run alone, and the fraction of that limit the update achieves
-  scaling  steps/s for K = 2, 5, 10 critics and batch 256, 512, 1024; the ensemble as one batched module vs a
-           loop of K networks
+  scaling  steps/s for K = 2, 5, 10 critics and batch 256, 512, 1024; the script's loop of K networks vs one
+           batched bmm module over the same weights
+  script   bear-train.py itself, end to end on a synthetic walker2d-shaped file (warm-up 0): the
+           train_steps_per_second it records in results.json, to compare with `update`
   eval     seconds for 10 episodes x 1000 steps with 100 candidates per step (HalfCheetah-v4 never terminates,
            so every episode runs the full 1000 steps)
   data     seconds and peak RSS to load a 1M-transition D4RL-layout file into training tensors
@@ -67,9 +69,9 @@ def worker_bear(args) -> dict:
     cfg = bear.Config(num_critics=args.k, batch_size=args.batch, compile=args.compile)
     buffer = bear.ReplayBuffer(synthetic(), torch.device("cpu"))
     agent = bear.BEAR(cfg, OBS, ACT, "laplacian", torch.device("cpu"))
-    if args.loop:
-        agent.critics.forward = looped_forward(agent.critics)
-        agent.target_critics.forward = looped_forward(agent.target_critics)
+    if args.batched:
+        agent.critics.forward = batched_forward(agent.critics)
+        agent.target_critics.forward = batched_forward(agent.target_critics)
     for _ in range(args.warmup):
         agent.update(buffer.sample(cfg.batch_size), False)
     agent.metric_sum.tolist()
@@ -80,8 +82,9 @@ def worker_bear(args) -> dict:
     return {"steps_per_s": args.steps / (time.perf_counter() - t)}
 
 
-def looped_forward(ensemble):
-    """The same K critics evaluated one after another with 2-D matrix multiplies (the loop alternative)."""
+def batched_forward(ensemble):
+    """The same K critics as one batched module: every layer one bmm over [K, rows, in] x [K, in, out] (the
+    alternative to the script's loop of 2-D matrix multiplies)."""
     import torch
     import torch.nn.functional as F
 
@@ -89,17 +92,14 @@ def looped_forward(ensemble):
         single = a.dim() == 2
         if single:
             a = a[:, None]
-        b, n, _ = a.shape
-        out = []
-        for k in range(ensemble.weights[0].shape[0]):
-            w1, w2, w3 = (w[k] for w in ensemble.weights)
-            b1, b2, b3 = (x[k, 0] for x in ensemble.biases)
-            hs = torch.addmm(b1, s, w1[:ensemble.state_dim])  # [B, H]
-            ha = (a.reshape(b * n, -1) @ w1[ensemble.state_dim:]).view(b, n, -1)
-            h = F.relu(ha + hs[:, None]).view(b * n, -1)
-            h = F.relu(torch.addmm(b2, h, w2))
-            out.append(torch.addmm(b3, h, w3).view(b, n))
-        q = torch.stack(out)  # [K, B, n]
+        (b, n, _), k = a.shape, ensemble.weights[0].shape[0]
+        w1, w2, w3 = ensemble.weights
+        b1, b2, b3 = (x[:, None] for x in ensemble.biases)  # [K, 1, out]
+        hs = torch.baddbmm(b1, s.expand(k, -1, -1), w1[:, :ensemble.state_dim])  # [K, B, H]
+        ha = torch.bmm(a.reshape(1, b * n, -1).expand(k, -1, -1), w1[:, ensemble.state_dim:])  # [K, B*n, H]
+        h = F.relu(ha.view(k, b, n, -1) + hs[:, :, None]).view(k, b * n, -1)
+        h = F.relu(torch.baddbmm(b2, h, w2))
+        q = torch.baddbmm(b3, h, w3).view(k, b, n)
         return q[..., 0] if single else q
 
     return forward
@@ -276,8 +276,8 @@ def row(name, value, note=""):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", default=["update", "d3rlpy", "flops", "scaling", "eval", "data"],
-                   choices=["update", "d3rlpy", "flops", "scaling", "eval", "data", "regen"])
+    p.add_argument("--parts", nargs="+", default=["update", "d3rlpy", "flops", "scaling", "script", "eval", "data"],
+                   choices=["update", "d3rlpy", "flops", "scaling", "script", "eval", "data", "regen"])
     p.add_argument("--rounds", type=int, default=3, help="A B rounds; medians are reported")
     p.add_argument("--steps", type=int, default=200, help="timed updates per worker")
     p.add_argument("--d3rlpy-python", default=os.environ.get("D3RLPY_PYTHON", str(ROOT / ".venv-d3rlpy/bin/python")))
@@ -287,7 +287,7 @@ def main():
     p.add_argument("--batch", type=int, default=256, help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, default=20, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
-    p.add_argument("--loop", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--batched", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--compile", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--file", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -333,11 +333,24 @@ def main():
         row("achieved fraction of the limit", f"{ours / limit:.0%}", f"{ours:.1f} / {limit:.1f} steps/s")
     if "scaling" in args.parts:
         for k in (2, 5, 10):
-            batched = spawn("bear", k=k, steps=args.steps // 2)["steps_per_s"]
-            looped = spawn("bear", k=k, steps=args.steps // 2, loop=1)["steps_per_s"]
-            row(f"K={k} critics, batch 256 (steps/s)", f"{batched:.1f}", f"as a loop of {k} networks: {looped:.1f}")
+            looped, batched = [], []
+            for _ in range(args.rounds):  # A B A B: the script's loop of K networks, one batched bmm module
+                looped.append(spawn("bear", k=k, steps=args.steps // 2)["steps_per_s"])
+                batched.append(spawn("bear", k=k, steps=args.steps // 2, batched=1)["steps_per_s"])
+            row(f"K={k} critics, batch 256 (steps/s)", f"{statistics.median(looped):.1f}",
+                f"as one batched bmm module: {statistics.median(batched):.1f} (medians of {args.rounds})")
         for batch in (512, 1024):
             row(f"K=2, batch {batch} (steps/s)", f"{spawn('bear', batch=batch, steps=args.steps // 2)['steps_per_s']:.1f}", "")
+    if "script" in args.parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "walker2d_synthetic.hdf5"
+            write_million(path, n=100_000)
+            cmd = [sys.executable, str(ROOT / "bear-train.py"), f"--dataset={path}", "--gpu=-1", "--warmup-steps=0",
+                   f"--max-steps={4 * args.steps}", "--eval-every=1000000", "--eval-episodes=1", f"--log-dir={tmp}/runs"]
+            subprocess.run(cmd, check=True, capture_output=True)
+            results = json.loads(next(Path(tmp).glob("runs/*/results.json")).read_text())
+        row("bear-train.py end to end, results.json (steps/s)", f"{results['train_steps_per_second']:.1f}",
+            f"{4 * args.steps} steps, warm-up 0, evaluation excluded")
     if "eval" in args.parts:
         e = spawn("eval")
         row("evaluation, 10 episodes x 1000 steps, 100 candidates (s)", f"{e['seconds']:.1f}", "HalfCheetah-v4")
