@@ -324,11 +324,11 @@ def regenerate_random(spec: DatasetSpec, steps: int, dest: Path, workers: int = 
             os.unlink(tmp)
 
 
-def find_dataset(cfg: Config) -> tuple[dict[str, np.ndarray], Path, str, str, list[str]]:
+def find_dataset(spec: DatasetSpec, regen_steps: int = 1_000_000
+                 ) -> tuple[dict[str, np.ndarray], Path, str, str, list[str]]:
     """Returns (arrays, file, env, source, notes); source is one of cache, download, file, regenerated.
     A cached file that fails its checks is never loaded: it is downloaded again, and replaced only by a new
     file that passes them; offline, the error names it."""
-    spec = resolve_dataset(cfg.dataset, cfg.env)
     notes = []
     if not spec.url:
         return read_d4rl(spec.path, spec.env), spec.path, spec.env, "file", notes
@@ -354,7 +354,7 @@ def find_dataset(cfg: Config) -> tuple[dict[str, np.ndarray], Path, str, str, li
                             f"at {spec.path}")
         if spec.kind != "random":
             raise UserError(f"could not download {spec.url} ({reason}); download it by hand and place it at {spec.path}")
-        regen = regenerated_path(spec, cfg.regen_steps)
+        regen = regenerated_path(spec, regen_steps)
         notes.append(f"could not download {spec.url} ({reason}); training on {regen.name}, REGENERATED offline by "
                      f"D4RL's random recipe in gymnasium {ENVS[spec.env][0]}: scores are NOT comparable with published tables")
         warn(notes[-1], loud=True)
@@ -364,8 +364,8 @@ def find_dataset(cfg: Config) -> tuple[dict[str, np.ndarray], Path, str, str, li
             except UserError as e:
                 warn(f"regenerating again: {e}")
         t0 = time.time()
-        print(f"regenerating {cfg.regen_steps} random steps on 2 cores ...", flush=True)
-        regenerate_random(spec, cfg.regen_steps, regen)
+        print(f"regenerating {regen_steps} random steps on 2 cores ...", flush=True)
+        regenerate_random(spec, regen_steps, regen)
         print(f"regenerated {regen} in {time.time() - t0:.0f} s", flush=True)
         return read_d4rl(regen, spec.env), regen, spec.env, "regenerated", notes
 
@@ -953,7 +953,7 @@ def train(cfg: Config) -> dict:
     run_dir, resuming = prepare_run_dir(cfg, spec.name)
     device = pick_device(cfg.gpu)
     t_load = time.time()
-    arrays, path, env, source, notes = find_dataset(cfg)
+    arrays, path, env, source, notes = find_dataset(spec, cfg.regen_steps)
     data = to_transitions(arrays)
     del arrays
     env_id = ENVS[env][0]

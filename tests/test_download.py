@@ -64,7 +64,7 @@ def test_a_cut_download_resumes_with_a_range_request(bear, server, tmp_path, mon
     body = good_file(tmp_path, bear, monkeypatch)
     server.files[PATH] = body
     server.cut_after[PATH] = len(body) // 3
-    data, path, env, source, notes = bear.find_dataset(bear.Config(dataset="walker2d-random-v2"))
+    data, path, env, source, notes = bear.find_dataset(bear.resolve_dataset("walker2d-random-v2"))
     assert source == "download" and notes == [] and path.read_bytes() == body
     assert server.requests == [(PATH, None), (PATH, f"bytes={len(body) // 3}-")]
     assert sorted(p.name for p in path.parent.iterdir()) == ["walker2d_random-v2.hdf5"]  # no .part left behind
@@ -77,7 +77,7 @@ def test_a_cut_download_left_from_an_earlier_run_is_resumed(bear, server, tmp_pa
     part = tmp_path / "cache" / "walker2d_random-v2.hdf5.part"
     part.parent.mkdir(parents=True)
     part.write_bytes(body[:1000])
-    bear.find_dataset(bear.Config(dataset="walker2d-random-v2"))
+    bear.find_dataset(bear.resolve_dataset("walker2d-random-v2"))
     assert server.requests == [(PATH, "bytes=1000-")]
     assert (tmp_path / "cache" / "walker2d_random-v2.hdf5").read_bytes() == body
 
@@ -86,13 +86,13 @@ def test_a_wrong_size_is_never_renamed_into_place(bear, server, tmp_path, monkey
     body = good_file(tmp_path, bear, monkeypatch)
     server.files["/offline_rl/gym_mujoco_v2/hopper_medium-v2.hdf5"] = body  # not hopper-medium's published size
     with pytest.raises(bear.UserError, match=r"got \d+ bytes, D4RL publishes 152756557.*place it at"):
-        bear.find_dataset(bear.Config(dataset="hopper-medium-v2"))
+        bear.find_dataset(bear.resolve_dataset("hopper-medium-v2"))
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_a_404_names_the_url_and_the_path(bear, server, tmp_path):
     with pytest.raises(bear.UserError) as e:
-        bear.find_dataset(bear.Config(dataset="ant-expert-v2"))
+        bear.find_dataset(bear.resolve_dataset("ant-expert-v2"))
     assert "Not Found" in str(e.value) and f"{server.url}/gym_mujoco_v2/ant_expert-v2.hdf5" in str(e.value)
     assert str(tmp_path / "cache" / "ant_expert-v2.hdf5") in str(e.value)
     assert not (tmp_path / "cache" / "ant_expert-v2.hdf5").exists()
@@ -105,10 +105,10 @@ def test_a_corrupt_cached_file_is_replaced_only_by_a_good_download(bear, server,
     cached.write_bytes(body[: len(body) // 2])  # a truncated file, as a cut download without checks leaves
     server.files[PATH] = b"x" * len(body)  # right size, but not HDF5: must not replace the cached file
     with pytest.raises(bear.UserError, match="fails its checks"):
-        bear.find_dataset(bear.Config(dataset="walker2d-random-v2"))
+        bear.find_dataset(bear.resolve_dataset("walker2d-random-v2"))
     assert cached.read_bytes() == body[: len(body) // 2]
     server.files[PATH] = body
-    data, path, _, source, _ = bear.find_dataset(bear.Config(dataset="walker2d-random-v2"))
+    data, path, _, source, _ = bear.find_dataset(bear.resolve_dataset("walker2d-random-v2"))
     assert source == "download" and cached.read_bytes() == body
 
 
@@ -118,7 +118,7 @@ def test_a_corrupt_cached_file_offline_is_an_error_naming_it(bear, server, tmp_p
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
     with pytest.raises(bear.UserError) as e:
-        bear.find_dataset(bear.Config(dataset="walker2d-random-v2"))
+        bear.find_dataset(bear.resolve_dataset("walker2d-random-v2"))
     message = str(e.value)
     assert str(cached) in message and "not a readable HDF5 file" in message and "place a good copy" in message
     assert cached.read_bytes() == b"\x89HDF\r\n\x1a\n" + b"\0" * 100  # untouched, and no regeneration either
