@@ -768,7 +768,7 @@ class Logger:
         return int(rows[-1]["step"]) if rows else 0
 
     def write(self, step: int, values: dict, steps_per_second: float) -> None:
-        self.csv.write(",".join(f"{values[k]:.9g}" if k in values else "" for k in ["step"] + CSV_FIELDS[1:]) + "\n")
+        self.csv.write(",".join(f"{values[k]:.9g}" if k in values else "" for k in CSV_FIELDS) + "\n")
         self.csv.flush()
         scalars = {f"{'losses' if k in LOSSES else 'eval' if k.startswith('eval') else 'charts'}/{k}": v
                    for k, v in values.items() if k != "step"}
