@@ -249,10 +249,6 @@ def to_transitions(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def load_transitions(path: Path, env: str) -> dict[str, np.ndarray]:
-    return to_transitions(read_d4rl(path, env))
-
-
 def make_env(env_id: str):
     import gymnasium as gym
 
@@ -537,6 +533,7 @@ class BEAR:
         self.target_critics = QEnsemble(state_dim, action_dim, cfg.critic_hidden, cfg.num_critics).to(device)
         self.target_critics.load_state_dict(self.critics.state_dict())
         self.target_critics.requires_grad_(False)
+        self.polyak_pairs = (list(self.target_critics.parameters()), list(self.critics.parameters()))
         self.log_alpha = torch.tensor(cfg.log_alpha_init, device=device, requires_grad=True)
         self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=cfg.vae_lr, **ADAM)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr, **ADAM)
@@ -592,7 +589,7 @@ class BEAR:
 
         with torch.no_grad():
             # 6. Polyak-average the target critics
-            torch._foreach_lerp_(list(self.target_critics.parameters()), list(self.critics.parameters()), cfg.tau)
+            torch._foreach_lerp_(*self.polyak_pairs, cfg.tau)
 
             self.step += 1
             losses = torch.stack([vae_loss, critic_loss, actor_loss, alpha_loss]).detach()

@@ -48,7 +48,7 @@ def test_unknown_name_suggests_the_closest(bear):
 def test_transitions_skip_timeouts_keep_terminals_and_drop_the_last_row(bear, tmp_path):
     path = tmp_path / "walker2d_test.hdf5"
     arrays = write_d4rl_file(path, n=500, episode_len=50, column_rewards=True)  # rewards stored as (N, 1)
-    data = bear.load_transitions(path, "walker2d")
+    data = bear.to_transitions(bear.read_d4rl(path, "walker2d"))
     timeouts, terminals = arrays["timeouts"], arrays["terminals"]
     expected = [i for i in range(499) if not timeouts[i]]
     assert len(data["observations"]) == len(expected) == 499 - timeouts[:499].sum()
@@ -69,7 +69,7 @@ def test_terminals_stored_as_column(bear, tmp_path):
     arrays = write_d4rl_file(path, n=100, obs_dim=11, act_dim=3, episode_len=10)
     arrays2 = write_d4rl_file(tmp_path / "hopper_col2.hdf5", n=100, obs_dim=11, act_dim=3, episode_len=10,
                               terminals=arrays["terminals"][:, None], timeouts=arrays["timeouts"][:, None])
-    a, b = bear.load_transitions(path, "hopper"), bear.load_transitions(tmp_path / "hopper_col2.hdf5", "hopper")
+    a, b = bear.to_transitions(bear.read_d4rl(path, "hopper")), bear.to_transitions(bear.read_d4rl(tmp_path / "hopper_col2.hdf5", "hopper"))
     assert arrays2 is not None
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
@@ -124,7 +124,7 @@ def test_replay_buffer_samples_on_the_device(bear, tmp_path):
 
     path = tmp_path / "walker2d_b.hdf5"
     write_d4rl_file(path, n=300)
-    buffer = bear.ReplayBuffer(bear.load_transitions(path, "walker2d"), torch.device("cpu"))
+    buffer = bear.ReplayBuffer(bear.to_transitions(bear.read_d4rl(path, "walker2d")), torch.device("cpu"))
     s, a, r, s2, d = buffer.sample(64)
     assert s.shape == (64, 17) and a.shape == (64, 6) and r.shape == (64,) and s2.shape == (64, 17) and d.shape == (64,)
     assert s.dtype == a.dtype == r.dtype == d.dtype == torch.float32
