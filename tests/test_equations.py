@@ -45,6 +45,24 @@ def test_mmd_matches_pairwise_loops(bear, kernel):
 
 
 @pytest.mark.parametrize("kernel", ["laplacian", "gaussian"])
+def test_mmd_gradient_matches_the_broadcast_formula(bear, kernel):
+    """The actor learns through d MMD / d y, the k(y, y') diagonal (zero distance) included: the kernels' gradient
+    must equal that of the plain broadcast-difference formula, and be finite."""
+    def plain(a, b, sigma):
+        diff = a[:, :, None] - b[:, None]
+        dist = diff.abs().sum(-1) if kernel == "laplacian" else diff.pow(2).sum(-1)
+        return torch.exp(-dist / (2 * sigma))
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(6, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    (got,) = torch.autograd.grad(bear.mmd(x, y, bear.KERNELS[kernel], 3.0).sum(), y)
+    (want,) = torch.autograd.grad(bear.mmd(x, y, plain, 3.0).sum(), y)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["laplacian", "gaussian"])
 def test_mmd_of_a_sample_set_with_itself_is_the_jitter(bear, kernel):
     x = torch.randn(7, 4, 6, dtype=torch.float64)
     got = bear.mmd(x, x.clone(), bear.KERNELS[kernel], 20.0)
