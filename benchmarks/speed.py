@@ -1,6 +1,6 @@
 """Speed benchmark of bear-train.py: prints a table, one part at a time or all of them.
 
-    python benchmarks/speed.py                      # every part except regen (about 10 minutes)
+    python benchmarks/speed.py                      # every part except regen (about 8 minutes)
     python benchmarks/speed.py --parts update d3rlpy flops
     python benchmarks/speed.py --parts regen        # regenerate a 1M-step random dataset (about 2 minutes)
 
@@ -86,11 +86,6 @@ def bear_stepper(args):
 
     run(args.warmup)
     return run
-
-
-def worker_bear(args) -> dict:
-    """Steps/s of bear-train.py's update after warm-up, in one go."""
-    return {"steps_per_s": args.steps / bear_stepper(args)(args.steps)}
 
 
 def batched_forward(ensemble):
@@ -304,7 +299,7 @@ def worker_regen(args) -> dict:
     return {"seconds": seconds, "transitions": len(data["rewards"]), "terminals": int(data["terminals"].sum())}
 
 
-WORKERS = {"bear": worker_bear, "flops": worker_flops, "d3flops": worker_d3flops, "eval": worker_eval, "data": worker_data,
+WORKERS = {"flops": worker_flops, "d3flops": worker_d3flops, "eval": worker_eval, "data": worker_data,
            "regen": worker_regen}
 STEPPERS = {"bear": bear_stepper, "d3rlpy": d3rlpy_stepper, "matmuls": flops_stepper}
 
@@ -370,7 +365,7 @@ def main():
                    choices=["update", "d3rlpy", "flops", "scaling", "script", "eval", "data", "regen"])
     p.add_argument("--rounds", type=int, default=15, help="A B rounds; medians are reported")
     p.add_argument("--block", type=int, default=10, help="updates per timed block in the A B rounds")
-    p.add_argument("--steps", type=int, default=200, help="timed updates per one-shot worker (scaling, script)")
+    p.add_argument("--steps", type=int, default=200, help="bear-train.py's run in the script part is 4x this")
     p.add_argument("--d3rlpy-python", default=os.environ.get("D3RLPY_PYTHON", str(ROOT / ".venv-d3rlpy/bin/python")))
     # worker-only options
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -443,15 +438,18 @@ def main():
             row("achieved fraction of the limit", f"{statistics.median(fraction):.0%}",
                 f"median of the per-round ratios, middle half {quartiles([100 * x for x in fraction])} %")
     if "scaling" in args.parts:
-        for k in (2, 5, 10):
-            looped, batched = [], []
-            for _ in range(args.rounds):  # A B A B: the script's loop of K networks, one batched bmm module
-                looped.append(spawn("bear", k=k, steps=args.steps // 2)["steps_per_s"])
-                batched.append(spawn("bear", k=k, steps=args.steps // 2, batched=1)["steps_per_s"])
-            row(f"K={k} critics, batch 256 (steps/s)", f"{statistics.median(looped):.1f}",
-                f"as one batched bmm module: {statistics.median(batched):.1f} (medians of {args.rounds})")
+        rounds = max(3, args.rounds // 3)
+        for k in (2, 5, 10):  # A B A B: the script's loop of K networks, one batched bmm module over the same weights
+            looped, batched = Server("bear", k=k), Server("bear", k=k, batched=1)
+            rates = [(looped.steps_per_s(args.block), batched.steps_per_s(args.block)) for _ in range(rounds)]
+            looped.close(), batched.close()
+            row(f"K={k} critics, batch 256 (steps/s)", f"{statistics.median(r[0] for r in rates):.1f}",
+                f"as one batched bmm module: {statistics.median(r[1] for r in rates):.1f} (medians of {rounds} blocks each)")
         for batch in (512, 1024):
-            row(f"K=2, batch {batch} (steps/s)", f"{spawn('bear', batch=batch, steps=args.steps // 2)['steps_per_s']:.1f}", "")
+            server = Server("bear", batch=batch)
+            rate = statistics.median(server.steps_per_s(max(2, args.block // 2)) for _ in range(rounds))
+            server.close()
+            row(f"K=2, batch {batch} (steps/s)", f"{rate:.1f}", f"median of {rounds} blocks")
     if "script" in args.parts:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "walker2d_synthetic.hdf5"
