@@ -1,6 +1,6 @@
 """Speed benchmark of bear-train.py: prints a table, one part at a time or all of them.
 
-    python benchmarks/speed.py                      # every part except regen (about 8 minutes)
+    python benchmarks/speed.py                      # every part except regen (about 3 minutes)
     python benchmarks/speed.py --parts update d3rlpy flops
     python benchmarks/speed.py --parts regen        # regenerate a 1M-step random dataset (about 2 minutes)
 
@@ -216,6 +216,36 @@ def flops_stepper(args):
     return run
 
 
+def optim_stepper(args):
+    """The update's optimiser work and nothing else, as run(n) -> seconds for n steps' worth: the four fused Adam
+    steps (VAE, critics, actor, log alpha) and the Polyak average, on gradients set once. A floor under the part of
+    an update that is not matrix multiplies (the real update also computes activations, their gradients, the MMD,
+    samples, and allocates fresh gradients every step)."""
+    import torch
+
+    bear = load_bear()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    agent = bear.BEAR(bear.Config(num_critics=args.k, batch_size=args.batch), OBS, ACT, "laplacian", torch.device("cpu"))
+    optimisers = [agent.vae_opt, agent.critic_opt, agent.actor_opt, agent.alpha_opt]
+    for opt in optimisers:
+        for group in opt.param_groups:
+            for param in group["params"]:
+                param.grad = torch.randn_like(param) * 1e-3
+
+    def run(n, fixed=False):
+        t = time.perf_counter()
+        for _ in range(n):
+            for opt in optimisers:
+                opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(*agent.polyak_pairs, agent.cfg.tau)
+        return time.perf_counter() - t
+
+    run(3)
+    return run
+
+
 def executed_matmul_flops(update) -> int:
     """2*m*k*n summed over the matrix multiplies that one call of update() executes, read from the profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -301,7 +331,7 @@ def worker_regen(args) -> dict:
 
 WORKERS = {"flops": worker_flops, "d3flops": worker_d3flops, "eval": worker_eval, "data": worker_data,
            "regen": worker_regen}
-STEPPERS = {"bear": bear_stepper, "d3rlpy": d3rlpy_stepper, "matmuls": flops_stepper}
+STEPPERS = {"bear": bear_stepper, "d3rlpy": d3rlpy_stepper, "matmuls": flops_stepper, "optim": optim_stepper}
 
 
 def serve(args) -> None:
@@ -400,8 +430,8 @@ def main():
             servers["d3rlpy"] = Server("d3rlpy", python=args.d3rlpy_python)
             blocks += [("d3rlpy", False), ("d3rlpy fixed", True)]
         if "flops" in args.parts:
-            servers["matmuls"] = Server("matmuls")
-            blocks += [("matmuls", False)]
+            servers["matmuls"], servers["optim"] = Server("matmuls"), Server("optim")
+            blocks += [("matmuls", False), ("optim", False)]
         rate = {name: [] for name, _ in blocks}
         for r in range(args.rounds):  # A B A B ..., rotating which goes first
             for name, fixed in blocks[r % len(blocks):] + blocks[:r % len(blocks)]:
@@ -437,6 +467,14 @@ def main():
                 "a step's matmuls alone, back to back, in blocks between the update blocks")
             row("achieved fraction of the limit", f"{statistics.median(fraction):.0%}",
                 f"median of the per-round ratios, middle half {quartiles([100 * x for x in fraction])} %")
+            optim_ms = 1e3 / statistics.median(rate["optim"])
+            row("optimiser steps + Polyak alone (ms/update)", f"{optim_ms:.1f}",
+                "4 fused Adam steps and the target average, nothing else: a floor under the non-matmul work")
+            if have_d3:
+                need = 1.5 * theirs
+                row("1.5x d3rlpy would need (steps/s)", f"{need:.1f}",
+                    f"{need / limit:.0%} of the arithmetic limit: {1e3 / need - 1e3 / limit:.1f} ms/update for all "
+                    f"non-matmul work, against {optim_ms:.1f} ms for the optimisers alone")
     if "scaling" in args.parts:
         rounds = max(3, args.rounds // 3)
         for k in (2, 5, 10):  # A B A B: the script's loop of K networks, one batched bmm module over the same weights
