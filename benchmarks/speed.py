@@ -71,6 +71,8 @@ def bear_stepper(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = bear.Config(num_critics=args.k, batch_size=args.batch, compile=args.compile)
+    if args.tiny:  # 8-wide networks, batch 8: the same operations with next to no arithmetic
+        cfg = bear.Config(num_critics=args.k, batch_size=8, vae_hidden=8, actor_hidden=8, critic_hidden=8)
     buffer = bear.ReplayBuffer(synthetic(), torch.device("cpu"))
     agent = bear.BEAR(cfg, OBS, ACT, "laplacian", torch.device("cpu"))
     if args.batched:
@@ -405,6 +407,7 @@ def main():
     p.add_argument("--warmup", type=int, default=20, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--batched", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--tiny", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--compile", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--file", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -430,8 +433,8 @@ def main():
             servers["d3rlpy"] = Server("d3rlpy", python=args.d3rlpy_python)
             blocks += [("d3rlpy", False), ("d3rlpy fixed", True)]
         if "flops" in args.parts:
-            servers["matmuls"], servers["optim"] = Server("matmuls"), Server("optim")
-            blocks += [("matmuls", False), ("optim", False)]
+            servers["matmuls"], servers["optim"], servers["tiny"] = Server("matmuls"), Server("optim"), Server("bear", tiny=1)
+            blocks += [("matmuls", False), ("optim", False), ("tiny", False)]
         rate = {name: [] for name, _ in blocks}
         for r in range(args.rounds):  # A B A B ..., rotating which goes first
             for name, fixed in blocks[r % len(blocks):] + blocks[:r % len(blocks)]:
@@ -470,11 +473,15 @@ def main():
             optim_ms = 1e3 / statistics.median(rate["optim"])
             row("optimiser steps + Polyak alone (ms/update)", f"{optim_ms:.1f}",
                 "4 fused Adam steps and the target average, nothing else: a floor under the non-matmul work")
+            tiny_ms = 1e3 / statistics.median(rate["tiny"])
+            row("the same update on 8-wide networks, batch 8 (ms/update)", f"{tiny_ms:.1f}",
+                "the same operations with next to no arithmetic: per-operation cost that no size shrinks")
             if have_d3:
                 need = 1.5 * theirs
                 row("1.5x d3rlpy would need (steps/s)", f"{need:.1f}",
                     f"{need / limit:.0%} of the arithmetic limit: {1e3 / need - 1e3 / limit:.1f} ms/update for all "
-                    f"non-matmul work, against {optim_ms:.1f} ms for the optimisers alone")
+                    f"non-matmul work, against {optim_ms:.1f} ms for the optimisers alone and {tiny_ms:.1f} ms for "
+                    "the operations on 8-wide networks")
     if "scaling" in args.parts:
         rounds = max(3, args.rounds // 3)
         for k in (2, 5, 10):  # A B A B: the script's loop of K networks, one batched bmm module over the same weights
