@@ -19,7 +19,7 @@ def speed(bear):
 
 @pytest.mark.parametrize("k, batch", [(2, 256), (5, 64)])
 def test_counted_arithmetic_equals_the_executed_matmuls(speed, k, batch):
-    args = argparse.Namespace(threads=2, k=k, batch=batch, compile=0, batched=0, warmup=1)
+    args = argparse.Namespace(threads=2, k=k, batch=batch, compile=0, batched=0, tiny=0, warmup=1)
     run = speed.bear_stepper(args)
     counted = sum(2 * m * i * o * count for m, i, o, count in speed.gemm_shapes(k=k, batch=batch))
     executed = speed.executed_matmul_flops(lambda: run(1))
