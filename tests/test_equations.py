@@ -174,3 +174,8 @@ def test_vae_loss_is_mse_of_tanh_decoder_plus_half_kl(bear):
     recon = ((torch.tanh(dec) - a) ** 2).mean()
     kl = (0.5 * (mean ** 2 + log_std.exp() ** 2 - 1) - log_std).mean()  # KL(N(m, s^2) || N(0, 1)) per element
     assert got.item() == pytest.approx((recon + 0.5 * kl).item(), rel=1e-5)
+    # n latents per state (the MMD's samples: the state part computed once) decode as one latent at a time does
+    zs = torch.randn(5, 3, z.shape[1])
+    many = vae.decode_raw(s, zs)  # [B, n, A]
+    for j in range(3):
+        assert torch.allclose(many[:, j], vae.decode_raw(s, zs[:, j]), atol=1e-6)
