@@ -387,20 +387,25 @@ def mlp_trunk(inp: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
 
 
+def state_first_layer(s: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[s, x] @ w + b, with w [S + X, H]. One x per state (x [B, X] -> [B, H]): one matrix multiply on the
+    concatenation. n samples per state (x [B, n, X] -> [B, n, H]): the state part s @ w[:S] is computed once per
+    state and shared by the n samples."""
+    if x.dim() == 2:
+        return torch.addmm(b, torch.cat([s, x], -1), w)
+    state_dim = s.shape[-1]
+    return (x @ w[state_dim:]).add_(torch.addmm(b, s, w[:state_dim])[:, None])
+
+
 class StateFirstLayer(nn.Module):
-    """Linear([s, x]). With n samples per state (x [B, n, X]) it is computed as W_s s + W_x x, so that the samples
-    share the state part; with one x per state (x [B, X]) it is one matrix multiply on the concatenation."""
+    """Linear([s, x]) as state_first_layer: the n samples of a state share its state part."""
 
     def __init__(self, state_dim: int, other_dim: int, out: int):
         super().__init__()
-        self.state_dim = state_dim
         self.linear = nn.Linear(state_dim + other_dim, out)  # initialised exactly like the concatenated layer
 
     def forward(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # x [B, X] -> [B, H]; [B, n, X] -> [B, n, H]
-        if x.dim() == 2:
-            return self.linear(torch.cat([s, x], -1))
-        w = self.linear.weight
-        return F.linear(x, w[:, self.state_dim:]).add_(F.linear(s, w[:, :self.state_dim], self.linear.bias)[:, None])
+        return state_first_layer(s, x, self.linear.weight.t(), self.linear.bias)
 
 
 class VAE(nn.Module):
@@ -467,23 +472,12 @@ class QEnsemble(nn.Module):
             nn.init.uniform_(b, -bound, bound)
 
     def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:  # a [B, A] -> [K, B]; [B, n, A] -> [K, B, n]
-        single = a.dim() == 2
-        b, n = a.shape[0], 1 if single else a.shape[1]
-        if single:
-            sa = torch.cat([s, a], -1)  # [B, S + A]
-        else:
-            a = a.reshape(b * n, -1)
         q = []
         for w1, w2, w3, b1, b2, b3 in zip(*self.weights, *self.biases):
-            if single:
-                h = torch.addmm(b1, sa, w1)
-            else:
-                hs = torch.addmm(b1, s, w1[:self.state_dim])  # [B, H]
-                h = torch.mm(a, w1[self.state_dim:]).view(b, n, -1).add_(hs[:, None]).view(b * n, -1)
-            h = torch.addmm(b2, h.relu_(), w2).relu_()
-            q.append(torch.addmm(b3, h, w3).view(b, n))
-        q = torch.stack(q)  # [K, B, n]
-        return q[..., 0] if single else q
+            h = state_first_layer(s, a, w1, b1).relu_()  # [B, H] or [B, n, H]
+            h = torch.addmm(b2, h.view(-1, h.shape[-1]), w2).relu_()  # [B*n, H]
+            q.append(torch.addmm(b3, h, w3).view(a.shape[:-1]))
+        return torch.stack(q)
 
 
 # ============================================================================================== BEAR equations

@@ -62,32 +62,46 @@ def synthetic(n=100_000, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------- workers
-def bear_stepper(args):
-    """bear-train.py's update after warm-up (the full update: sampling on the device included), as run(n) ->
-    seconds for n more updates."""
+def timed(one_step, warmup, finish=lambda: None):
+    """run(n, fixed) -> seconds for n calls of one_step(fixed) then finish(), after `warmup` untimed calls."""
+    def run(n, fixed=False):
+        t = time.perf_counter()
+        for _ in range(n):
+            one_step(fixed)
+        finish()
+        return time.perf_counter() - t
+
+    run(warmup)
+    return run
+
+
+def make_agent(args, **config):
+    """bear-train.py's BEAR on the CPU with args.threads threads, seed 0, K = args.k critics."""
     import torch
 
     bear = load_bear()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = bear.Config(num_critics=args.k, batch_size=args.batch, compile=args.compile)
+    cfg = bear.Config(num_critics=args.k, **config)
+    return bear, bear.BEAR(cfg, OBS, ACT, "laplacian", torch.device("cpu"))
+
+
+def bear_stepper(args):
+    """bear-train.py's update after warm-up (the full update: sampling on the device included), as run(n) ->
+    seconds for n more updates."""
+    import torch
+
     if args.tiny:  # 8-wide networks, batch 8: the same operations with next to no arithmetic
-        cfg = bear.Config(num_critics=args.k, batch_size=8, vae_hidden=8, actor_hidden=8, critic_hidden=8)
+        bear, agent = make_agent(args, batch_size=8, vae_hidden=8, actor_hidden=8, critic_hidden=8)
+    else:
+        bear, agent = make_agent(args, batch_size=args.batch, compile=args.compile)
     buffer = bear.ReplayBuffer(synthetic(), torch.device("cpu"))
-    agent = bear.BEAR(cfg, OBS, ACT, "laplacian", torch.device("cpu"))
     if args.batched:
         agent.critics.forward = batched_forward(agent.critics)
         agent.target_critics.forward = batched_forward(agent.target_critics)
-
-    def run(n, fixed=False):
-        t = time.perf_counter()
-        for _ in range(n):
-            agent.update(buffer.sample(cfg.batch_size), False)  # post-warm-up: the Q term is in the actor loss
-        agent.metric_sum.tolist()
-        return time.perf_counter() - t
-
-    run(args.warmup)
-    return run
+    batch_size = agent.cfg.batch_size
+    # post-warm-up (False): the Q term is in the actor loss
+    return timed(lambda fixed: agent.update(buffer.sample(batch_size), False), args.warmup, agent.metric_sum.tolist)
 
 
 def batched_forward(ensemble):
@@ -139,15 +153,8 @@ def d3rlpy_stepper(args):
     algo = config.create(device="cpu:0")
     algo.build_with_dataset(dataset)
     batch = dataset.sample_transition_batch(args.batch)
-
-    def run(n, fixed=False):
-        t = time.perf_counter()
-        for _ in range(n):
-            algo.update(batch if fixed else dataset.sample_transition_batch(args.batch))
-        return time.perf_counter() - t
-
-    run(args.warmup)
-    return run
+    return timed(lambda fixed: algo.update(batch if fixed else dataset.sample_transition_batch(args.batch)),
+                 args.warmup)
 
 
 def gemm_shapes(k=2, batch=256, n=4, n_t=10, s=OBS, a=ACT, hv=750, ha=256, hc=256):
@@ -207,15 +214,11 @@ def flops_stepper(args):
     mats = [(torch.randn(m, i), torch.randn(i, o)) for m, i, o, count in gemm_shapes(k=args.k, batch=args.batch)
             for _ in range(count)]
 
-    def run(n, fixed=False):
-        t = time.perf_counter()
-        for _ in range(n):
-            for x, w in mats:
-                torch.mm(x, w)
-        return time.perf_counter() - t
+    def matmuls(fixed):
+        for x, w in mats:
+            torch.mm(x, w)
 
-    run(3)
-    return run
+    return timed(matmuls, 3)
 
 
 def optim_stepper(args):
@@ -225,27 +228,20 @@ def optim_stepper(args):
     samples, and allocates fresh gradients every step)."""
     import torch
 
-    bear = load_bear()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    agent = bear.BEAR(bear.Config(num_critics=args.k, batch_size=args.batch), OBS, ACT, "laplacian", torch.device("cpu"))
+    _, agent = make_agent(args, batch_size=args.batch)
     optimisers = [agent.vae_opt, agent.critic_opt, agent.actor_opt, agent.alpha_opt]
     for opt in optimisers:
         for group in opt.param_groups:
             for param in group["params"]:
                 param.grad = torch.randn_like(param) * 1e-3
 
-    def run(n, fixed=False):
-        t = time.perf_counter()
-        for _ in range(n):
-            for opt in optimisers:
-                opt.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(*agent.polyak_pairs, agent.cfg.tau)
-        return time.perf_counter() - t
+    def optimiser_work(fixed):
+        for opt in optimisers:
+            opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(*agent.polyak_pairs, agent.cfg.tau)
 
-    run(3)
-    return run
+    return timed(optimiser_work, 3)
 
 
 def executed_matmul_flops(update) -> int:

@@ -40,4 +40,4 @@ def test_servers_time_blocks_on_request(speed):
 
 def test_a_failing_server_reports_its_error(speed):
     with pytest.raises(RuntimeError, match="bear worker failed"):
-        speed.Server("bear", batch=0)  # a batch of 0 cannot be sampled
+        speed.Server("bear", threads=0)  # torch refuses 0 threads
