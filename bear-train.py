@@ -6,6 +6,7 @@ Reads top to bottom in the order of the data's path: hyperparameters, data, netw
 evaluation, run bookkeeping (logs, checkpoints, plots, seed tables), main. Importing it runs nothing.
 """
 import argparse
+import contextlib
 import csv
 import dataclasses
 import difflib
@@ -80,6 +81,9 @@ class Config:
     resume: bool = hp(False, "continue the run in its folder from the newest checkpoint")
     compile: bool = hp(False, "torch.compile the update (with CUDA: CUDA graphs)")
     regen_steps: int = hp(1_000_000, "environment steps when a random dataset must be regenerated offline")
+    regen_workers: int = hp(0, "processes that regenerate a random dataset; 0 = every core this process may use")
+    offline: bool = hp(False, "never touch the network: a cached file, a regenerated random dataset, or an error "
+                              "saying where to put the file (also BEAR_OFFLINE=1)")
     wandb: bool = hp(False, "also log to Weights & Biases (needs the wandb package)")
     summarize: str = hp("", "print seed tables and curves for the runs under this folder, then exit")
 
@@ -263,11 +267,27 @@ def regenerated_path(spec: DatasetSpec, steps: int) -> Path:
     return d4rl_dir() / f"bear-regenerated_{spec.path.stem}_{ENVS[spec.env][0]}{suffix}.hdf5"
 
 
-def _random_rollout(args: tuple[str, int, int, bool]) -> dict[str, np.ndarray]:
-    """One worker of the regeneration: uniform random actions, episodes capped by the env's 1000-step limit.
-    With finish_episode it runs past `steps` to the end of its episode, so that the next worker's chunk starts a
-    new episode exactly as a reset would."""
-    env_id, steps, seed, finish_episode = args
+# ============================================================================================== data preparation at scale
+# Regeneration of a random dataset on every core the process may use, with a progress bar; one process at a time
+# prepares a file (dataset_lock); SIGINT/SIGTERM stop it at once and keep nothing partial (on_signals, below).
+REGEN_RECIPE = 2  # bumped whenever the recipe changes the file; a cached file of another recipe is made again
+REGEN_MAX_CHUNKS = 32  # the steps are cut into this many chunks (fewer for small datasets), whatever the workers
+REGEN_SEED_STRIDE = 10_007  # chunk c seeds its environment and action space with 10_007 * c
+OFFLINE_ENV = "BEAR_OFFLINE"  # =1: as --offline
+
+
+def regen_chunks(steps: int) -> list[tuple[int, int, bool]]:
+    """The recipe's chunks, (target steps, seed, run on to the end of the episode), from `steps` alone: at least
+    1 000 steps (one longest episode) a chunk; every chunk but the last ends on an episode boundary."""
+    n = max(1, min(REGEN_MAX_CHUNKS, steps // 1000))
+    share = steps // n
+    return [(share if c < n - 1 else steps - share * c, REGEN_SEED_STRIDE * c, c < n - 1) for c in range(n)]
+
+
+def _random_rollout(env_id: str, steps: int, seed: int, finish_episode: bool, progress=None) -> dict[str, np.ndarray]:
+    """One chunk: uniform random actions, episodes capped by the env's 1000-step limit. With finish_episode it
+    runs past `steps` to the end of its episode, so that the next chunk starts a new episode as a reset would.
+    progress(n) is told every 1 000 steps."""
     env = make_env(env_id)
     env.action_space.seed(seed)
     obs, _ = env.reset(seed=seed)
@@ -285,85 +305,235 @@ def _random_rollout(args: tuple[str, int, int, bool]) -> dict[str, np.ndarray]:
         episode_over = terminated or truncated
         obs = env.reset()[0] if episode_over else next_obs
         i += 1
+        if progress and i % 1000 == 0:
+            progress(1000)
+    if progress:
+        progress(i % 1000)
+    env.close()
     return {k: v[:i] for k, v in out.items()}
 
 
-def regenerate_random(spec: DatasetSpec, steps: int, dest: Path, workers: int = 2) -> None:
-    """D4RL's recipe for *-random-*: uniform random actions for `steps` steps, split over the CPU cores. Every
-    chunk but the last ends at an episode boundary; the last is cut at `steps` rows in all, as D4RL's was."""
+def _regen_worker(env_id: str, jobs, results, counter, parent: int) -> None:
+    """A worker process: takes chunks until it gets None. Ctrl-C reaches the whole process group: the workers
+    ignore it and the main process stops them; a worker whose main process is gone stops by itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def progress(n: int) -> None:
+        with counter.get_lock():
+            counter.value += n
+        if os.getppid() != parent:
+            os._exit(1)
+
+    while (job := jobs.get()) is not None:
+        chunk, steps, seed, finish = job
+        results.put((chunk, _random_rollout(env_id, steps, seed, finish, progress)))
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its CPU affinity, which a scheduler or taskset may restrict)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def regenerate_random(spec: DatasetSpec, steps: int, dest: Path, workers: int = 0) -> None:
+    """D4RL's recipe for *-random-*: uniform random actions for `steps` steps, in regen_chunks(steps) chunks
+    spread over `workers` processes (0: every usable core). The file is the same for any number of workers."""
+    import multiprocessing
+    import queue
+
+    import gymnasium
     import h5py
-    from concurrent.futures import ProcessPoolExecutor
+    import mujoco
+    from tqdm import tqdm
 
-    workers = max(1, min(workers, steps // 1000))
-    share = steps // workers  # the last worker takes the remainder, so the chunks add up to at least `steps`
-    jobs = [(ENVS[spec.env][0], share if w < workers - 1 else steps - share * w, 10_007 * w, w < workers - 1)
-            for w in range(workers)]
-    if workers > 1:
-        import multiprocessing
-
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            parts = list(pool.map(_random_rollout, jobs))
-    else:
-        parts = [_random_rollout(jobs[0])]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
-    os.close(fd)
+    env_id, chunks = ENVS[spec.env][0], regen_chunks(steps)
+    workers = max(1, min(workers or usable_cpus(), len(chunks)))
+    print(f"regenerating {steps} random steps in {len(chunks)} chunks on {workers} worker(s) ...", flush=True)
+    bar = tqdm(total=steps, unit="step", unit_scale=True, desc=f"regenerating {dest.name}", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
+    parts, procs = {}, []
     try:
+        if workers == 1:
+            for c, job in enumerate(chunks):
+                parts[c] = _random_rollout(env_id, *job, progress=lambda n: bar.update(min(n, steps - bar.n)))
+        else:
+            ctx = multiprocessing.get_context("fork")
+            jobs, results, counter = ctx.SimpleQueue(), ctx.Queue(), ctx.Value("q", 0)
+            for c, job in enumerate(chunks):
+                jobs.put((c, *job))
+            for _ in range(workers):
+                jobs.put(None)
+            procs = [ctx.Process(target=_regen_worker, args=(env_id, jobs, results, counter, os.getpid()), daemon=True)
+                     for _ in range(workers)]
+            for p in procs:
+                p.start()
+            while len(parts) < len(chunks):
+                try:
+                    c, part = results.get(timeout=0.25)
+                    parts[c] = part
+                except queue.Empty:
+                    dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if dead:
+                        raise OSError(f"a regeneration worker died (exit code {dead[0]})") from None
+                bar.update(min(counter.value, steps) - bar.n)
+        bar.update(steps - bar.n)
+    finally:
+        for p in procs:  # on success they have exited; on an error or a signal they are stopped here
+            if p.is_alive():
+                p.terminate()
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        bar.close()
+    recipe = {"recipe_version": REGEN_RECIPE, "policy": "uniform random actions (action_space.sample())",
+              "environment": env_id, "steps": steps, "chunks": len(chunks), "chunk_steps": [j[0] for j in chunks],
+              "chunk_seeds": f"{REGEN_SEED_STRIDE} * chunk index (env.reset and action_space)",
+              "chunk_ends": "every chunk but the last runs on to the end of its episode; the whole is cut at `steps`",
+              "gymnasium": gymnasium.__version__, "mujoco": mujoco.__version__}
+
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             for key in parts[0]:
-                data = np.concatenate([p[key] for p in parts])[:steps]
-                f.create_dataset(key, data=data, compression="gzip", compression_opts=1)
-            f.attrs["source"] = f"regenerated by bear-train.py: uniform random actions in gymnasium {ENVS[spec.env][0]}"
-        os.replace(tmp, dest)
+                f.create_dataset(key, data=np.concatenate([parts[c][key] for c in range(len(chunks))])[:steps],
+                                 compression="gzip", compression_opts=1)
+            f.attrs["source"] = f"regenerated by bear-train.py: uniform random actions in gymnasium {env_id}"
+            f.attrs["recipe"] = json.dumps(recipe)
+
+    atomic_write(dest, write, path_only=True)
+
+
+def regenerated_recipe(path: Path) -> int | None:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return json.loads(f.attrs.get("recipe", "{}")).get("recipe_version")
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def dataset_lock(path: Path):
+    """Only one process prepares `path`: an flock on `<path>.lock` beside it. The others wait, saying so once.
+    The kernel drops an flock when its holder dies, so a killed process never leaves a lock that blocks; the
+    holder removes the lock file on its way out (a waiter that locked the removed file tries again)."""
+    import fcntl
+
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    said = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not said:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    print(f"waiting for process {holder}, which is preparing {path.name} ...", flush=True)
+                    said = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
-def find_dataset(spec: DatasetSpec, regen_steps: int = 1_000_000
+def find_dataset(spec: DatasetSpec, regen_steps: int = 1_000_000, offline: bool = False, regen_workers: int = 0
                  ) -> tuple[dict[str, np.ndarray], Path, str, str, list[str]]:
     """Returns (arrays, file, env, source, notes); source is one of cache, download, file, regenerated.
-    A cached file that fails its checks is never loaded: it is downloaded again, and replaced only by a new
-    file that passes them; offline, the error names it."""
-    notes = []
+    A missing file is fetched under dataset_lock, by one process at a time. A cached file that fails its checks is
+    never loaded: it is downloaded again, and replaced only by a new file that passes them; offline, the error
+    names it. Offline, the network is never touched."""
     if not spec.url:
-        return read_d4rl(spec.path, spec.env), spec.path, spec.env, "file", notes
-    bad_cache = None
+        return read_d4rl(spec.path, spec.env), spec.path, spec.env, "file", []
+    found = _from_cache(spec, regen_steps, offline)
+    if found is None:
+        with dataset_lock(spec.path):  # the first process fetches; the others wait, then find its file
+            found = _from_cache(spec, regen_steps, offline) or _fetch(spec, regen_steps, offline, regen_workers)
+    return found
+
+
+def _from_cache(spec: DatasetSpec, regen_steps: int, offline: bool):
     if spec.path.exists():
         try:
             data = read_d4rl(spec.path, spec.env)
         except UserError as e:
-            bad_cache = e
-            warn(f"the cached file fails its checks ({e}); downloading it again")
-        else:
-            size = spec.path.stat().st_size
-            if spec.size is not None and size != spec.size:
-                notes.append(f"{spec.path} is {size} bytes, D4RL publishes {spec.size}: scores may not match published ones")
-                warn(notes[-1])
-            return data, spec.path, spec.env, "cache", notes
-    try:
-        return download(spec.url, spec.path, spec.size, spec.env), spec.path, spec.env, "download", notes
-    except (OSError, urllib.error.URLError) as e:
-        reason = getattr(e, "reason", e)
+            if offline:
+                raise UserError(f"{e}; offline, it is not downloaded again: place a good copy from {spec.url} at {spec.path}")
+            return None
+        notes = []
+        size = spec.path.stat().st_size
+        if spec.size is not None and size != spec.size:
+            notes.append(f"{spec.path} is {size} bytes, D4RL publishes {spec.size}: scores may not match published ones")
+            warn(notes[-1])
+        return data, spec.path, spec.env, "cache", notes
+    if offline and spec.kind == "random":
+        regen = regenerated_path(spec, regen_steps)
+        if regen.exists() and regenerated_recipe(regen) == REGEN_RECIPE:
+            return _regenerated(spec, regen, "offline (--offline)")
+    return None
+
+
+def _regenerated(spec: DatasetSpec, regen: Path, reason: str):
+    notes = [f"{reason}: training on {regen.name}, REGENERATED by D4RL's random recipe in gymnasium "
+             f"{ENVS[spec.env][0]}: scores are NOT comparable with published tables"]
+    warn(notes[-1], loud=True)
+    return read_d4rl(regen, spec.env), regen, spec.env, "regenerated", notes
+
+
+def _fetch(spec: DatasetSpec, regen_steps: int, offline: bool, regen_workers: int):
+    reason = "offline (--offline)"
+    if not offline:
+        bad_cache = None
+        if spec.path.exists():
+            bad_cache = _check_error(spec)
+            warn(f"the cached file fails its checks ({bad_cache}); downloading it again")
+        try:
+            return download(spec.url, spec.path, spec.size, spec.env), spec.path, spec.env, "download", []
+        except Interrupted as e:
+            e.what = f"while downloading {spec.path.name}: the part downloaded is kept as {spec.path.name}.part, " \
+                     "and the same command resumes the download"
+            raise
+        except (OSError, urllib.error.URLError) as e:
+            reason = f"could not download {spec.url} ({getattr(e, 'reason', e)})"
         if bad_cache:
             raise UserError(f"{bad_cache}; downloading it again failed ({reason}): place a good copy from {spec.url} "
                             f"at {spec.path}")
-        if spec.kind != "random":
-            raise UserError(f"could not download {spec.url} ({reason}); download it by hand and place it at {spec.path}")
-        regen = regenerated_path(spec, regen_steps)
-        notes.append(f"could not download {spec.url} ({reason}); training on {regen.name}, REGENERATED offline by "
-                     f"D4RL's random recipe in gymnasium {ENVS[spec.env][0]}: scores are NOT comparable with published tables")
-        warn(notes[-1], loud=True)
-        if regen.exists():
-            try:
-                return read_d4rl(regen, spec.env), regen, spec.env, "regenerated", notes
-            except UserError as e:
-                warn(f"regenerating again: {e}")
-        t0 = time.time()
-        print(f"regenerating {regen_steps} random steps on 2 cores ...", flush=True)
-        regenerate_random(spec, regen_steps, regen)
-        print(f"regenerated {regen} in {time.time() - t0:.0f} s", flush=True)
-        return read_d4rl(regen, spec.env), regen, spec.env, "regenerated", notes
+    if spec.kind != "random":
+        raise UserError(f"{reason}: download {spec.url} by hand and place it at {spec.path}")
+    regen = regenerated_path(spec, regen_steps)
+    if regen.exists():
+        if regenerated_recipe(regen) == REGEN_RECIPE:
+            return _regenerated(spec, regen, reason)
+        warn(f"{regen.name} was made by another recipe or cannot be read; regenerating it")
+    t0 = time.time()
+    try:
+        regenerate_random(spec, regen_steps, regen, regen_workers)
+    except Interrupted as e:
+        e.what = f"while regenerating {regen.name}: its workers were stopped and nothing partial was kept; the same " \
+                 "command starts it again"
+        raise
+    print(f"regenerated {regen} in {time.time() - t0:.0f} s", flush=True)
+    return _regenerated(spec, regen, reason)
+
+
+def _check_error(spec: DatasetSpec) -> UserError | None:
+    try:
+        read_d4rl(spec.path, spec.env)
+    except UserError as e:
+        return e
+    return None
 
 
 class ReplayBuffer:
@@ -673,18 +843,67 @@ def warn(message: str, loud: bool = False) -> None:
         print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(file) into a temporary file beside path, flush, fsync, rename: path is never half-written."""
+def new_file_mode() -> int:
+    """The mode a plain open() gives a new file under the current umask (0644 under umask 022)."""
+    try:
+        with open("/proc/self/status") as f:  # read without setting: os.umask() would change it for every thread
+            mask = int(next(line.split()[1] for line in f if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: Path, write, path_only: bool = False) -> None:
+    """write(file), or write(path) for writers that open the file themselves, into a temporary file beside path;
+    fsync; rename: path is never half-written. The file gets the mode any new file gets under the umask
+    (mkstemp's own is 0600, which would hide results and datasets from colleagues)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        os.fchmod(fd, new_file_mode())
+        if path_only:
+            os.close(fd)
+            write(Path(tmp))
+            fd = os.open(tmp, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM outside the training loop; `what` says what was stopped and what was kept."""
+
+    def __init__(self, signum: int, what: str = ""):
+        super().__init__(signum)
+        self.signum, self.what = signum, what
+
+    @property
+    def code(self) -> int:
+        return EXIT_PREEMPTED if self.signum == signal.SIGTERM else EXIT_INTERRUPTED
+
+
+def raise_interrupted(signum: int) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def on_signals(action):
+    """Inside the block, SIGINT and SIGTERM call action(signum): raise_interrupted stops whatever runs (loading,
+    downloading, regenerating); the training loop instead notes the signal and stops at the end of its step."""
+    previous = {sig: signal.signal(sig, lambda signum, frame: action(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def write_json(path: Path, obj) -> None:
@@ -692,7 +911,7 @@ def write_json(path: Path, obj) -> None:
 
 
 CSV_FIELDS = ["step"] + METRICS + ["eval_return", "eval_normalized_score"]
-RESUMABLE = {"max_steps", "resume", "compile", "gpu", "wandb", "log_dir", "summarize"}  # may change on --resume
+RESUMABLE = {"max_steps", "resume", "compile", "gpu", "wandb", "log_dir", "summarize", "offline", "regen_workers"}  # may change on --resume  # may change on --resume
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -868,6 +1087,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--warmup-steps={cfg.warmup_steps} must be 0 or more")
     if cfg.regen_steps < 2:
         raise UserError(f"--regen-steps={cfg.regen_steps} must be at least 2")
+    if cfg.regen_workers < 0:
+        raise UserError(f"--regen-workers={cfg.regen_workers} must be 0 (every usable core) or more")
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -906,6 +1127,10 @@ def pick_device(gpu: int) -> torch.device:
     return torch.device(f"cuda:{gpu}")
 
 
+def run_folder_name(dataset_name: str, seed: int) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', dataset_name)}__seed{seed}"
+
+
 def prepare_run_dir(cfg: Config, dataset_name: str) -> tuple[Path, bool]:
     """(run folder, whether it resumes). Checks the log folder before anything is written."""
     log_dir = Path(cfg.log_dir).expanduser()
@@ -916,7 +1141,7 @@ def prepare_run_dir(cfg: Config, dataset_name: str) -> tuple[Path, bool]:
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise UserError(f"--log-dir={log_dir} is not writable ({existing}: {e.strerror}); pass a folder you can write to")
-    base = log_dir / (cfg.run_name or f"{re.sub(r'[^A-Za-z0-9_.-]', '_', dataset_name)}__seed{cfg.seed}")
+    base = log_dir / (cfg.run_name or run_folder_name(dataset_name, cfg.seed))
     if cfg.resume and base.is_dir() and (base / "config.json").exists():
         saved = json.loads((base / "config.json").read_text())
         changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
@@ -953,7 +1178,8 @@ def train(cfg: Config) -> dict:
     run_dir, resuming = prepare_run_dir(cfg, spec.name)
     device = pick_device(cfg.gpu)
     t_load = time.time()
-    arrays, path, env, source, notes = find_dataset(spec, cfg.regen_steps)
+    offline = cfg.offline or os.environ.get(OFFLINE_ENV, "") not in ("", "0")
+    arrays, path, env, source, notes = find_dataset(spec, cfg.regen_steps, offline, cfg.regen_workers)
     data = to_transitions(arrays)
     del arrays
     env_id = ENVS[env][0]
@@ -984,8 +1210,7 @@ def train(cfg: Config) -> dict:
             "dataset_notes": notes, "device": str(device)})
     logger = Logger(run_dir, cfg, state["csv_offset"], f"BEAR {spec.name} seed {cfg.seed}")
 
-    stop = []
-    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop = []  # a signal is noted here and the loop stops at the end of its step
     start = saved["step"] if ckpts else 0
     t_start, t_interval, elapsed_before = time.time(), time.time(), state["elapsed"]
 
@@ -997,48 +1222,47 @@ def train(cfg: Config) -> dict:
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
-    try:
-        for step in range(start + 1, cfg.max_steps + 1):
-            agent.update(buffer.sample(cfg.batch_size), step <= cfg.warmup_steps)
-            is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
-            if step % cfg.log_every == 0 or is_eval:
-                sums, first_bad = agent.metric_sum.tolist(), agent.first_nonfinite.tolist()  # the one read-back
-                agent.metric_sum.zero_()
-                if max(first_bad) >= 0:
-                    i = min((b, j) for j, b in enumerate(first_bad) if b >= 0)[1]
-                    raise Diverged(f"{LOSSES[i]} became non-finite at step {first_bad[i]}; the newest checkpoint in "
-                                   f"{run_dir} is from before it (try a lower learning rate or another seed)")
-                now = time.time()
-                rate = (step - state["last_log"]) / max(now - t_interval, 1e-9)
-                state["train_seconds"] += now - t_interval
-                state["trained_steps"] += step - state["last_log"]
-                values = {"step": step} | {k: v / (step - state["last_log"]) for k, v in zip(METRICS, sums)}
-                state["last_log"] = step
-                if is_eval:
-                    generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-                    ret = float(evaluator.run(agent, generator).mean())
-                    score = normalized_score(env, ret)
-                    state["evals"].append((step, ret, score))
-                    values |= {"eval_return": ret, "eval_normalized_score": score}
-                    tqdm.write(f"step {step:>8}  return {ret:8.1f}  normalised score {score:6.1f}  alpha {values['alpha']:.3g}"
-                               f"  mmd {values['mmd']:.3f}  critic loss {values['critic_loss']:.3g}")
-                    bar.set_postfix(score=f"{score:.1f}")
-                logger.write(step, values, rate)
-                if is_eval:
+    with on_signals(stop.append):
+        try:
+            for step in range(start + 1, cfg.max_steps + 1):
+                agent.update(buffer.sample(cfg.batch_size), step <= cfg.warmup_steps)
+                is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
+                if step % cfg.log_every == 0 or is_eval:
+                    sums, first_bad = agent.metric_sum.tolist(), agent.first_nonfinite.tolist()  # the one read-back
+                    agent.metric_sum.zero_()
+                    if max(first_bad) >= 0:
+                        i = min((b, j) for j, b in enumerate(first_bad) if b >= 0)[1]
+                        raise Diverged(f"{LOSSES[i]} became non-finite at step {first_bad[i]}; the newest checkpoint in "
+                                       f"{run_dir} is from before it (try a lower learning rate or another seed)")
+                    now = time.time()
+                    rate = (step - state["last_log"]) / max(now - t_interval, 1e-9)
+                    state["train_seconds"] += now - t_interval
+                    state["trained_steps"] += step - state["last_log"]
+                    values = {"step": step} | {k: v / (step - state["last_log"]) for k, v in zip(METRICS, sums)}
+                    state["last_log"] = step
+                    if is_eval:
+                        generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+                        ret = float(evaluator.run(agent, generator).mean())
+                        score = normalized_score(env, ret)
+                        state["evals"].append((step, ret, score))
+                        values |= {"eval_return": ret, "eval_normalized_score": score}
+                        tqdm.write(f"step {step:>8}  return {ret:8.1f}  normalised score {score:6.1f}  alpha {values['alpha']:.3g}"
+                                   f"  mmd {values['mmd']:.3f}  critic loss {values['critic_loss']:.3g}")
+                        bar.set_postfix(score=f"{score:.1f}")
+                    logger.write(step, values, rate)
+                    if is_eval:
+                        checkpoint(step)
+                    t_interval = time.time()
+                if stop:
                     checkpoint(step)
-                t_interval = time.time()
-            if stop:
-                checkpoint(step)
-                print(f"\nstopped by signal at step {step}; checkpoint saved in {run_dir}; continue with the same "
-                      "command plus --resume", file=sys.stderr, flush=True)
-                raise Stop(EXIT_PREEMPTED if stop[0] == signal.SIGTERM else EXIT_INTERRUPTED)
-            if step % 100 == 0 or step == cfg.max_steps:
-                bar.update(step - bar.n)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        bar.close()
-        logger.close()
+                    print(f"\nstopped by signal at step {step}; checkpoint saved in {run_dir}; continue with the same "
+                          "command plus --resume", file=sys.stderr, flush=True)
+                    raise Stop(EXIT_PREEMPTED if stop[0] == signal.SIGTERM else EXIT_INTERRUPTED)
+                if step % 100 == 0 or step == cfg.max_steps:
+                    bar.update(step - bar.n)
+        finally:
+            bar.close()
+            logger.close()
 
     state["elapsed"] = elapsed_before + time.time() - t_start
     _, returns, scores = zip(*state["evals"])
@@ -1090,10 +1314,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
-        if cfg.summarize:
-            print(summarize(Path(cfg.summarize)), end="")
-        else:
-            train(cfg)
+        with on_signals(raise_interrupted):
+            if cfg.summarize:
+                print(summarize(Path(cfg.summarize)), end="")
+            else:
+                train(cfg)
+    except Interrupted as e:
+        name = signal.Signals(e.signum).name
+        print(f"bear-train.py: stopped by {name} {e.what or 'before training started'}", file=sys.stderr, flush=True)
+        return e.code
     except UserError as e:
         print(f"bear-train.py: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -2,7 +2,7 @@
 
     python benchmarks/speed.py                      # every part except regen (about 3 minutes)
     python benchmarks/speed.py --parts update d3rlpy flops
-    python benchmarks/speed.py --parts regen        # regenerate a 1M-step random dataset (about 2 minutes)
+    python benchmarks/speed.py --parts regen        # regenerate a 1M-step random dataset, 1 then 2 workers (~5 min)
 
 Parts:
   update   post-warm-up BEAR update rate (steps/s), default hyperparameters, synthetic walker2d-shaped data
@@ -18,7 +18,8 @@ Parts:
   eval     seconds for 10 episodes x 1000 steps with 100 candidates per step (HalfCheetah-v4 never terminates,
            so every episode runs the full 1000 steps)
   data     seconds and peak RSS to load a 1M-transition D4RL-layout file into training tensors
-  regen    seconds to regenerate a 1M-step random dataset on 2 cores
+  regen    seconds to regenerate a 1M-step random dataset (walker2d) with 1 worker, then with 2, in one run; the
+           two files' arrays must be identical (the recipe does not depend on the number of workers)
 
 Every timing runs in a worker process of its own (this file with --worker or --serve). For update, d3rlpy and
 flops, one long-lived process per implementation (d3rlpy in its own venv) times blocks of --block updates on
@@ -317,14 +318,24 @@ def worker_data(args) -> dict:
 
 
 def worker_regen(args) -> dict:
+    import hashlib
+
+    import h5py
+
     bear = load_bear()
     spec = bear.resolve_dataset("walker2d-random-v2")
     with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "regen.hdf5"
         t = time.perf_counter()
-        bear.regenerate_random(spec, 1_000_000, Path(tmp) / "regen.hdf5")
+        bear.regenerate_random(spec, args.regen_steps, path, args.regen_workers)
         seconds = time.perf_counter() - t
-        data = bear.to_transitions(bear.read_d4rl(Path(tmp) / "regen.hdf5", "walker2d"))
-    return {"seconds": seconds, "transitions": len(data["rewards"]), "terminals": int(data["terminals"].sum())}
+        data = bear.to_transitions(bear.read_d4rl(path, "walker2d"))
+        digest = hashlib.sha256()
+        with h5py.File(path) as f:
+            for key in bear.KEYS:
+                digest.update(f[key][()].tobytes())
+    return {"seconds": seconds, "transitions": len(data["rewards"]), "terminals": int(data["terminals"].sum()),
+            "sha256": digest.hexdigest()}
 
 
 WORKERS = {"flops": worker_flops, "d3flops": worker_d3flops, "eval": worker_eval, "data": worker_data,
@@ -406,6 +417,8 @@ def main():
     p.add_argument("--tiny", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--compile", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--file", default="", help=argparse.SUPPRESS)
+    p.add_argument("--regen-steps", type=int, default=1_000_000, help="environment steps of the regen part")
+    p.add_argument("--regen-workers", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
@@ -512,9 +525,12 @@ def main():
         row("load 1M transitions into training tensors (s)", f"{d['seconds']:.1f}",
             f"peak RSS {d['peak_rss_gb']:.2f} GB, {d['transitions']} transitions, gzip like D4RL's")
     if "regen" in args.parts:
-        r = spawn("regen")
-        row("regenerate walker2d-random, 1M steps, 2 cores (s)", f"{r['seconds']:.0f}",
-            f"{r['transitions']} transitions, {r['terminals']} terminal")
+        one, two = (spawn("regen", regen_steps=args.regen_steps, regen_workers=w) for w in (1, 2))
+        for workers, r in ((1, one), (2, two)):
+            row(f"regenerate walker2d-random, {args.regen_steps} steps, {workers} worker(s) (s)", f"{r['seconds']:.0f}",
+                f"{r['transitions']} transitions, {r['terminals']} terminal")
+        row("regeneration speed-up, 2 workers over 1", f"{one['seconds'] / two['seconds']:.2f}x",
+            "arrays identical" if one["sha256"] == two["sha256"] else "ARRAYS DIFFER")
 
 
 def write_million(path: Path, n=1_000_000):
