@@ -40,9 +40,11 @@ def hp(default, help):
 @dataclass
 class Config:
     # run
-    dataset: str = hp("walker2d-random-v2", "D4RL MuJoCo name (v0/v1/v2) or path to an HDF5 file in D4RL's layout")
+    dataset: str = hp("walker2d-random-v2", "D4RL MuJoCo name (v0/v1/v2) or path to an HDF5 file in D4RL's layout; "
+                                            "several, comma-separated, make a sweep")
     env: str = hp("", "for a dataset path: walker2d | hopper | halfcheetah | ant (empty = from the file name)")
-    seed: int = hp(0, "seeds python, numpy, torch and the evaluation environments")
+    seed: int = hp(0, "seeds python, numpy, torch and the evaluation environments; a list (0,2,5-7) or range (0-4) "
+                      "makes a sweep")
     gpu: int = hp(0, "CUDA device index; -1 = CPU (falls back to the CPU with a warning when CUDA is absent)")
     max_steps: int = hp(1_000_000, "gradient steps")
     warmup_steps: int = hp(40_000, "first steps in which the actor minimises only the MMD constraint")
@@ -86,6 +88,14 @@ class Config:
                               "saying where to put the file (also BEAR_OFFLINE=1)")
     wandb: bool = hp(False, "also log to Weights & Biases (needs the wandb package)")
     summarize: str = hp("", "print seed tables and curves for the runs under this folder, then exit")
+    threads: int = hp(0, "torch CPU threads; 0 = torch's default")
+    # sweep: several datasets or seeds, each pair one run, as Ray tasks
+    ray_address: str = hp("", "Ray cluster to run a sweep on (auto, ray://host:10001); empty = RAY_ADDRESS, else a "
+                              "local Ray instance")
+    cpus_per_run: float = hp(1.0, "CPUs Ray reserves for each run of a sweep; also the run's torch threads")
+    gpus_per_run: float = hp(-1.0, "GPUs for each run of a sweep (0.25 packs four runs on a GPU); -1 = 1 when the "
+                                   "Ray cluster has GPUs and --gpu is not -1, else 0")
+    max_retries: int = hp(3, "a sweep's run whose process or node dies, or that is preempted, is retried this often")
 
 
 # Constants of the algorithm (spec section 1), not meant to be tuned.
@@ -274,6 +284,10 @@ REGEN_RECIPE = 2  # bumped whenever the recipe changes the file; a cached file o
 REGEN_MAX_CHUNKS = 32  # the steps are cut into this many chunks (fewer for small datasets), whatever the workers
 REGEN_SEED_STRIDE = 10_007  # chunk c seeds its environment and action space with 10_007 * c
 OFFLINE_ENV = "BEAR_OFFLINE"  # =1: as --offline
+
+
+def is_offline(cfg) -> bool:
+    return cfg.offline or os.environ.get(OFFLINE_ENV, "") not in ("", "0")
 
 
 def regen_chunks(steps: int) -> list[tuple[int, int, bool]]:
@@ -911,7 +925,8 @@ def write_json(path: Path, obj) -> None:
 
 
 CSV_FIELDS = ["step"] + METRICS + ["eval_return", "eval_normalized_score"]
-RESUMABLE = {"max_steps", "resume", "compile", "gpu", "wandb", "log_dir", "summarize", "offline", "regen_workers"}  # may change on --resume  # may change on --resume
+RESUMABLE = {"max_steps", "resume", "compile", "gpu", "wandb", "log_dir", "summarize", "offline", "regen_workers",
+             "threads", "ray_address", "cpus_per_run", "gpus_per_run", "max_retries"}  # may change on --resume
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -1023,11 +1038,12 @@ class Stop(Exception):
 
 
 # ============================================================================================== seed tables
-def summarize(root: Path) -> str:
+def summarize(root: Path, run_dirs: list[Path] | None = None) -> str:
     """Markdown table of final and best normalised score (mean +- std over seeds) per dataset, and a PNG of the
-    mean +- std curves per dataset, for every run folder under root."""
+    mean +- std curves per dataset, for every run folder under root (or the given ones: a sweep's)."""
     runs = {}
-    for config_path in sorted(root.rglob("config.json")):
+    configs = sorted(root.rglob("config.json")) if run_dirs is None else [d / "config.json" for d in run_dirs]
+    for config_path in configs:
         run_dir = config_path.parent
         config = json.loads(config_path.read_text())
         results_path = run_dir / "results.json"
@@ -1075,6 +1091,247 @@ def plot_seed_curves(dataset: str, group: list[dict], path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
     plt.close(fig)
+
+
+# ============================================================================================== sweep on Ray
+# Several datasets or seeds: every (dataset, seed) pair is one run of this script, as a subprocess inside a Ray
+# task, in its own folder under --log-dir. The driver prepares each dataset once, retries runs whose process or
+# node died (they continue from their newest checkpoint with --resume), shows one progress bar and ends with the
+# --summarize table of the sweep's runs. Ray is imported only here.
+SWEEP_ONLY = ("ray_address", "cpus_per_run", "gpus_per_run", "max_retries")
+NOT_RETRIED = {EXIT_BAD_INPUT: "bad input", EXIT_DIVERGED: "diverged"}
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-4', '0,2,5-7', '3' -> seeds, in the order given; ranges are inclusive."""
+    seeds = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise argparse.ArgumentTypeError(f"'{text}' is not a seed list; write seeds as 0-4, 0,2,5-7 or 3")
+        seeds += range(int(m[1]), int(m[2] or m[1]) + 1)
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"'{text}' lists a seed twice")
+    return seeds
+
+
+def parse_datasets(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a dataset list; separate names or paths with single commas, "
+                                         "each once")
+    return names
+
+
+def run_command(cfg: Config, gpu: int, threads: int) -> list[str]:
+    """This script's flags for one run of a sweep: every setting, --resume so that a retried or restarted run
+    continues from its checkpoint, --offline because the driver has already fetched the data."""
+    values = dataclasses.asdict(cfg) | {"resume": True, "offline": True, "gpu": gpu, "threads": threads}
+    args = []
+    for name, value in values.items():
+        if name not in SWEEP_ONLY and name != "summarize":
+            flag = f"--{name.replace('_', '-')}"
+            args.append(flag if value is True else f"--no-{name.replace('_', '-')}" if value is False else f"{flag}={value}")
+    return args
+
+
+def _run_in_task(script: str, args: list[str], log: str) -> tuple[int, str]:
+    """Body of a sweep's Ray task: run this script for one pair; (exit code, last line of its stderr). Ray's
+    cancellation (the driver was stopped) arrives as KeyboardInterrupt: the run gets SIGTERM and checkpoints."""
+    import ctypes
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def die_with_the_task():  # if this worker is killed, the run gets SIGTERM instead of living on as an orphan
+        os.setpgrp()
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # Ray's CUDA_VISIBLE_DEVICES for this task is inherited
+    with open(log, "a") as out:
+        out.write(f"=== started on {os.uname().nodename}, CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')}\n")
+        out.flush()
+        proc = subprocess.Popen([sys.executable, script, *args], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=die_with_the_task)
+        try:
+            while proc.poll() is None:  # not proc.wait(): Ray's interrupt only lands between Python bytecodes
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+    with open(log, errors="replace") as f:
+        lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
+    return proc.returncode, (lines[-1] if lines else "")
+
+
+@dataclass
+class SweepRun:
+    cfg: Config
+    folder: Path
+    log: Path
+    attempts: int = 0
+    ref: object = None  # the Ray task now running it
+    state: str = "waiting"  # waiting, running (or queued by Ray), done, failed
+    reason: str = ""
+    log_size: int = 0  # the log's size when the current attempt was submitted
+
+
+def sweep(cfgs: list[Config]) -> int:
+    """Runs every pair; returns 0 when all finished, 1 when any failed; a signal stops every run (checkpointed)."""
+    head = cfgs[0]
+    validate(head)
+    if head.run_name:
+        raise UserError("--run-name names one run; a sweep names each run <dataset>__seed<seed> itself: drop it")
+    if not head.cpus_per_run > 0:
+        raise UserError(f"--cpus-per-run={head.cpus_per_run} must be above 0")
+    if head.max_retries < 0:
+        raise UserError(f"--max-retries={head.max_retries} must be 0 or more")
+    log_dir = check_log_dir(head.log_dir).absolute()
+    runs, failed_early = [], []
+    for dataset in dict.fromkeys(c.dataset for c in cfgs):  # each dataset found or fetched once, by the driver
+        group = [c for c in cfgs if c.dataset == dataset]
+        try:
+            spec = resolve_dataset(dataset, head.env)
+            find_dataset(spec, head.regen_steps, is_offline(head), head.regen_workers)
+        except UserError as e:
+            failed_early += [(f"{c.dataset} seed {c.seed}", str(e)) for c in group]
+            continue
+        for c in group:  # absolute paths: the runs start in other folders, or on other machines
+            c.log_dir, c.dataset = str(log_dir), c.dataset if spec.url else str(spec.path.absolute())
+            folder = log_dir / run_folder_name(spec.name, c.seed)
+            done = (folder / "results.json").exists() and \
+                json.loads((folder / "results.json").read_text()).get("steps") == c.max_steps
+            runs.append(SweepRun(c, folder, log_dir / "sweep-logs" / f"{folder.name}.log", state="done" if done else "waiting"))
+    print(f"sweep: {len(cfgs)} runs ({sum(r.state == 'done' for r in runs)} already finished, {len(failed_early)} "
+          f"with bad data) under {log_dir}", flush=True)
+    stop = []  # from here on a signal is noted, and the loop stops every run
+    with on_signals(stop.append):
+        _sweep_on_ray(head, runs, log_dir, stop, len(failed_early))
+    if stop:
+        raise Interrupted(stop[0], f"during a sweep: its runs were stopped and wrote their checkpoints; the same "
+                                   "command continues them and skips the finished ones")
+    failures = [(r.folder.name, r.reason) for r in runs if r.state == "failed"] + failed_early
+    done = [r.folder for r in runs if r.state == "done"]
+    if done:
+        print(summarize(log_dir, done), end="", flush=True)
+    for name, reason in failures:
+        print(f"FAILED {name}: {reason}", file=sys.stderr)
+    return EXIT_DIVERGED if failures else 0
+
+
+def _sweep_on_ray(head: Config, runs: list[SweepRun], log_dir: Path, stop: list, failed_early: int) -> None:
+    if not (head.ray_address or os.environ.get("RAY_ADDRESS")):
+        # A local instance is for this machine alone: Ray's single-node mode puts its services on 127.0.0.1
+        # instead of the machine's network address, where anyone who reaches the machine could submit work.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import logging
+
+    import ray
+    from tqdm import tqdm
+
+    t0 = time.time()
+    ray.init(address=head.ray_address or None, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))  # ray.init installed its own
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+        resources = ray.cluster_resources()
+        print(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs ({time.time() - t0:.1f} s to "
+              "start or connect)", flush=True)
+        gpus = head.gpus_per_run if head.gpus_per_run >= 0 else float(resources.get("GPU", 0) > 0 and head.gpu >= 0)
+        task = ray.remote(num_cpus=head.cpus_per_run, num_gpus=gpus, max_retries=0)(_run_in_task)
+        script = str(Path(__file__).resolve())
+        (log_dir / "sweep-logs").mkdir(parents=True, exist_ok=True)
+
+        def submit(run: SweepRun) -> None:
+            run.attempts += 1
+            run.log_size = run.log.stat().st_size if run.log.exists() else 0  # the task's first line says it started
+            args = run_command(run.cfg, 0 if gpus > 0 else -1, max(1, int(head.cpus_per_run)))
+            run.ref, run.state = task.remote(script, args, str(run.log)), "running"
+
+        for run in runs:
+            if run.state == "waiting" and not stop:
+                submit(run)
+        bar = tqdm(total=(len(runs) + failed_early) * head.max_steps, unit="step", dynamic_ncols=True,
+                   mininterval=1 if sys.stderr.isatty() else 30)
+        try:
+            while not stop and any(r.state == "running" for r in runs):
+                ready, _ = ray.wait([r.ref for r in runs if r.state == "running"], num_returns=1, timeout=0.5)
+                for run in [r for r in runs if r.state == "running" and r.ref in ready]:
+                    _finish(run, ray, head.max_retries, submit)
+                bar.update(sum(head.max_steps if r.state == "done" else _steps_done(r.folder) for r in runs) - bar.n)
+                started = sum(r.state == "running" and _started(r) for r in runs)
+                bar.set_postfix_str(f"done {sum(r.state == 'done' for r in runs)}, running {started}, queued "
+                                    f"{sum(r.state == 'running' for r in runs) - started}, failed "
+                                    f"{sum(r.state == 'failed' for r in runs) + failed_early}", refresh=False)
+        finally:
+            bar.close()
+        if stop:
+            running = [r for r in runs if r.state == "running"]
+            for run in running:  # Ray interrupts the task, which sends its run SIGTERM: the run writes a checkpoint
+                ray.cancel(run.ref)
+            deadline = time.time() + 300
+            while running and time.time() < deadline:
+                ready, _ = ray.wait([r.ref for r in running], num_returns=len(running), timeout=0.5)
+                running = [r for r in running if r.ref not in ready]
+    finally:
+        ray.shutdown()
+
+
+def _finish(run: SweepRun, ray, max_retries: int, submit) -> None:
+    try:
+        code, last = ray.get(run.ref)
+    except ray.exceptions.RayError as e:  # the worker or its node died
+        code, last = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if code == 0:
+        run.state = "done"
+        results = json.loads((run.folder / "results.json").read_text())
+        tqdm_write(f"finished {run.folder.name}: final {results['final_normalized_score']:.1f}, "
+                   f"best {results['best_normalized_score']:.1f} ({results['wall_clock_seconds']:.0f} s)")
+    elif code in NOT_RETRIED:
+        run.state, run.reason = "failed", f"{NOT_RETRIED[code]}: {last}"
+        tqdm_write(f"failed {run.folder.name} ({run.reason}); not retried")
+    elif run.attempts <= max_retries:
+        tqdm_write(f"{run.folder.name} ended with {_describe(code, last)}; retry {run.attempts} of "
+                   f"{max_retries} from its newest checkpoint")
+        submit(run)
+    else:
+        run.state, run.reason = "failed", f"{_describe(code, last)} after {run.attempts} attempts"
+        tqdm_write(f"failed {run.folder.name}: {run.reason}")
+
+
+def _describe(code, last: str) -> str:
+    if code is None:
+        return last
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code} ({last})" if last else f"exit code {code}"
+
+
+def tqdm_write(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line)
+    sys.stdout.flush()
+
+
+def _steps_done(folder: Path) -> int:
+    """The run's newest metrics.csv row (read from the shared log folder, wherever the run is)."""
+    try:
+        with open(folder / "metrics.csv", "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            last = f.read().splitlines()[-1].split(b",")[0]
+        return int(last)
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _started(run: SweepRun) -> bool:
+    try:
+        return run.log.stat().st_size > run.log_size
+    except OSError:
+        return False
 
 
 # ============================================================================================== main
@@ -1127,13 +1384,8 @@ def pick_device(gpu: int) -> torch.device:
     return torch.device(f"cuda:{gpu}")
 
 
-def run_folder_name(dataset_name: str, seed: int) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', dataset_name)}__seed{seed}"
-
-
-def prepare_run_dir(cfg: Config, dataset_name: str) -> tuple[Path, bool]:
-    """(run folder, whether it resumes). Checks the log folder before anything is written."""
-    log_dir = Path(cfg.log_dir).expanduser()
+def check_log_dir(folder: str) -> Path:
+    log_dir = Path(folder).expanduser()
     if log_dir.exists() and not log_dir.is_dir():
         raise UserError(f"--log-dir={log_dir} is a file, not a folder; pass a folder")
     existing = next(p for p in [log_dir.absolute(), *log_dir.absolute().parents] if p.exists())
@@ -1141,6 +1393,16 @@ def prepare_run_dir(cfg: Config, dataset_name: str) -> tuple[Path, bool]:
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise UserError(f"--log-dir={log_dir} is not writable ({existing}: {e.strerror}); pass a folder you can write to")
+    return log_dir
+
+
+def run_folder_name(dataset_name: str, seed: int) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', dataset_name)}__seed{seed}"
+
+
+def prepare_run_dir(cfg: Config, dataset_name: str) -> tuple[Path, bool]:
+    """(run folder, whether it resumes). Checks the log folder before anything is written."""
+    log_dir = check_log_dir(cfg.log_dir)
     base = log_dir / (cfg.run_name or run_folder_name(dataset_name, cfg.seed))
     if cfg.resume and base.is_dir() and (base / "config.json").exists():
         saved = json.loads((base / "config.json").read_text())
@@ -1178,14 +1440,15 @@ def train(cfg: Config) -> dict:
     run_dir, resuming = prepare_run_dir(cfg, spec.name)
     device = pick_device(cfg.gpu)
     t_load = time.time()
-    offline = cfg.offline or os.environ.get(OFFLINE_ENV, "") not in ("", "0")
-    arrays, path, env, source, notes = find_dataset(spec, cfg.regen_steps, offline, cfg.regen_workers)
+    arrays, path, env, source, notes = find_dataset(spec, cfg.regen_steps, is_offline(cfg), cfg.regen_workers)
     data = to_transitions(arrays)
     del arrays
     env_id = ENVS[env][0]
     print(f"{path.name}: {len(data['observations'])} transitions, {int(data['terminals'].sum())} terminal "
           f"({source}); found and loaded in {time.time() - t_load:.1f} s; device {device}", flush=True)
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -1298,27 +1561,33 @@ def parse_int(text: str) -> int:
 parse_int.__name__ = "int"  # argparse names the type in its error message
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
+def parse_args(argv: list[str] | None = None) -> list[Config]:
+    """One Config per (dataset, seed) pair: one for a single run, several for a sweep."""
     parser = OneLineParser(prog="bear-train.py", description="BEAR (Kumar et al. 2019) on D4RL MuJoCo data.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    lists = {"dataset": (parse_datasets, "NAMES"), "seed": (parse_seeds, "SEEDS")}
     for f in dataclasses.fields(Config):
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         if f.type is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
-            kind = {int: parse_int, float: float, str: str}[f.type]
-            parser.add_argument(*flags, type=kind, default=f.default, help=f.metadata["help"], metavar=f.type.__name__.upper())
-    return Config(**vars(parser.parse_args(argv)))
+            kind, metavar = lists.get(f.name, ({int: parse_int, float: float, str: str}[f.type], f.type.__name__.upper()))
+            parser.add_argument(*flags, type=kind, default=f.default, help=f.metadata["help"], metavar=metavar)
+    values = vars(parser.parse_args(argv))
+    datasets, seeds = (v if isinstance(v, list) else [v] for v in (values["dataset"], values["seed"]))
+    return [Config(**values | {"dataset": d, "seed": s}) for d in datasets for s in seeds]
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfgs = parse_args(argv)
     try:
         with on_signals(raise_interrupted):
-            if cfg.summarize:
-                print(summarize(Path(cfg.summarize)), end="")
+            if cfgs[0].summarize:
+                print(summarize(Path(cfgs[0].summarize)), end="")
+            elif len(cfgs) > 1:
+                return sweep(cfgs)
             else:
-                train(cfg)
+                train(cfgs[0])
     except Interrupted as e:
         name = signal.Signals(e.signum).name
         print(f"bear-train.py: stopped by {name} {e.what or 'before training started'}", file=sys.stderr, flush=True)

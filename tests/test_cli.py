@@ -114,7 +114,7 @@ def test_help_lists_every_hyperparameter_with_its_meaning(tmp_path, bear):
 
 
 def test_flags_accept_both_spellings(bear):
-    a = bear.parse_args(["--max-steps=1e4", "--batch-size", "64", "--max_steps", "2_000", "--compile"])
+    [a] = bear.parse_args(["--max-steps=1e4", "--batch-size", "64", "--max_steps", "2_000", "--compile"])
     assert (a.max_steps, a.batch_size, a.compile) == (2000, 64, True)
 
 

@@ -1,0 +1,208 @@
+"""Datasets x seeds as a sweep on Ray: a small sweep, a run killed and retried, a stopped driver continued, a bad
+pair, and single runs that never import Ray. The sweeps share one Ray instance started for this module (the
+`--ray-address` path; a sweep without it starts a local instance of its own)."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SCRIPT, write_d4rl_file
+
+SMALL = ["--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=64", "--batch-size=64", "--warmup-steps=100",
+         "--log-every=25", "--eval-episodes=1", "--eval-candidates=10", "--gpu=-1"]
+
+
+# The test cluster listens on 127.0.0.1 only (Ray's single-node mode) and, being private to this machine, without
+# token authentication; the sweep drivers connect to it with the same settings.
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # 2 GPUs that this machine does not have: Ray hands them out all the same, which shows its CUDA_VISIBLE_DEVICES
+    out = subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=2",
+                          "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+                         capture_output=True, text=True, timeout=180, env=dict(os.environ, **RAY_ENV))
+    assert out.returncode == 0, out.stderr
+    yield f"127.0.0.1:{port}"
+    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    write_d4rl_file(folder / "walker2d_a.hdf5", n=3000)
+    write_d4rl_file(folder / "hopper_b.hdf5", n=3000, obs_dim=11, act_dim=3, seed=1)
+    return folder
+
+
+def sweep_command(address, log_dir, datasets, seeds, steps=200, every=100, *extra):
+    return [sys.executable, str(SCRIPT), f"--dataset={','.join(map(str, datasets))}", f"--seed={seeds}",
+            f"--log-dir={log_dir}", f"--max-steps={steps}", f"--eval-every={every}", f"--ray-address={address}",
+            *SMALL, *extra]
+
+
+ENV = dict(os.environ, D4RL_DATASET_DIR="/nonexistent", **RAY_ENV)
+
+
+def run(cmd, timeout=900):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def folders(log_dir):
+    return sorted(p.name for p in log_dir.iterdir() if p.is_dir() and p.name != "sweep-logs")
+
+
+def test_a_small_sweep_gives_four_runs_and_the_table(ray_address, data, tmp_path):
+    out = run(sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5", data / "hopper_b.hdf5"], "0-1"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert folders(tmp_path) == ["hopper_b__seed0", "hopper_b__seed1", "walker2d_a__seed0", "walker2d_a__seed1"]
+    for name in folders(tmp_path):
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert results["steps"] == 200
+    assert out.stdout.count("finished ") == 4 and "final " in out.stdout and "best " in out.stdout
+    table = (tmp_path / "summary.md").read_text()
+    for dataset in ("walker2d_a", "hopper_b"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {dataset} |"))
+        assert row.count("±") == 2 and "| 2 |" in row  # mean ± std of final and best over 2 seeds
+        assert row in out.stdout
+
+
+def training_pid(log_dir, seed):
+    """The training process of one run of the sweep, found by its command line."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(SCRIPT).encode() in cmdline and f"--log-dir={log_dir}".encode() in cmdline \
+                    and f"--seed={seed}".encode() in cmdline and b"--resume" in cmdline:
+                return int(entry)
+    return None
+
+
+def test_a_killed_run_is_retried_and_ends_as_if_never_killed(ray_address, data, tmp_path):
+    log_dir = tmp_path / "sweep"
+    dataset = data / "walker2d_a.hdf5"
+    proc = subprocess.Popen(sweep_command(ray_address, log_dir, [dataset], "0,1", 400), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 300
+    while not (log_dir / "walker2d_a__seed1" / "checkpoint-000000100.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    pid = training_pid(log_dir, 1)
+    os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out + err
+    assert "walker2d_a__seed1 ended with signal SIGKILL; retry 1 of 3" in out
+    alone = tmp_path / "alone"
+    single = run([sys.executable, str(SCRIPT), f"--dataset={dataset}", "--seed=1", f"--log-dir={alone}",
+                  "--max-steps=400", "--eval-every=100", "--threads=1", *SMALL])
+    assert single.returncode == 0, single.stderr
+    a, b = log_dir / "walker2d_a__seed1", alone / "walker2d_a__seed1"
+    assert (a / "metrics.csv").read_bytes() == (b / "metrics.csv").read_bytes()
+    state_a = torch.load(sorted(a.glob("checkpoint-*.pt"))[-1], weights_only=False)["agent"]
+    state_b = torch.load(sorted(b.glob("checkpoint-*.pt"))[-1], weights_only=False)["agent"]
+    for net in ("vae", "actor", "critics", "target_critics"):
+        for key in state_a[net]:
+            assert torch.equal(state_a[net][key], state_b[net][key]), f"{net}.{key}"
+    assert torch.equal(state_a["log_alpha"], state_b["log_alpha"])
+    assert "resuming" in (log_dir / "sweep-logs" / "walker2d_a__seed1.log").read_text()
+
+
+def test_a_stopped_driver_continues_with_the_same_command(ray_address, data, tmp_path):
+    cmd = sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5", data / "hopper_b.hdf5"], "0-1", 1500, 100)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=ENV)
+    deadline = time.time() + 600
+    # two runs at a time on 2 CPUs: stop once two have finished and a third has a checkpoint
+    while not (sum((tmp_path / n / "results.json").exists() for n in folders(tmp_path)) >= 2
+               and any((tmp_path / n / "checkpoint-000000100.pt").exists() and not (tmp_path / n / "results.json").exists()
+                       for n in folders(tmp_path))):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err
+    assert "stopped by SIGINT during a sweep" in err
+    finished = {n: (tmp_path / n / "results.json").stat().st_mtime_ns for n in folders(tmp_path)
+                if (tmp_path / n / "results.json").exists()}
+    assert 2 <= len(finished) < 4
+    unfinished = [n for n in folders(tmp_path) if n not in finished]
+    assert all(list((tmp_path / n).glob("checkpoint-*.pt")) for n in unfinished if (tmp_path / n).exists())
+    again = run(cmd)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"({len(finished)} already finished" in again.stdout
+    assert folders(tmp_path) == ["hopper_b__seed0", "hopper_b__seed1", "walker2d_a__seed0", "walker2d_a__seed1"]
+    for name, mtime in finished.items():  # not run again
+        assert (tmp_path / name / "results.json").stat().st_mtime_ns == mtime
+    for name in folders(tmp_path):
+        assert json.loads((tmp_path / name / "results.json").read_text())["steps"] == 1500
+    for name in unfinished:  # stopped with a checkpoint, then continued from it
+        log = (tmp_path / "sweep-logs" / f"{name}.log").read_text()
+        assert log.count("=== started") == 2 and "resuming" in log, log
+
+
+def test_each_run_trains_on_the_gpu_ray_gives_it(ray_address, data, tmp_path):
+    # --gpu=0 and the default --gpus-per-run (1 when the cluster has GPUs): Ray sets CUDA_VISIBLE_DEVICES for each
+    # task and the run uses cuda:0, the first device it sees; without CUDA here it says so and trains on the CPU
+    cmd = sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5"], "0-1", 50, 50)
+    out = run([*cmd, "--gpu=0"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    for seed in (0, 1):
+        log = (tmp_path / "sweep-logs" / f"walker2d_a__seed{seed}.log").read_text()
+        assert any(f"CUDA_VISIBLE_DEVICES={gpu}\n" in log for gpu in ("0", "1")), log
+        assert json.loads((tmp_path / f"walker2d_a__seed{seed}" / "config.json").read_text())["gpu"] == 0
+        assert "CUDA is not available here: training on the CPU" in log or "cuda" in log
+
+
+def test_a_bad_pair_fails_alone_with_its_reason(ray_address, data, tmp_path):
+    bad = data / "walker2d_missing.hdf5"
+    out = run(sweep_command(ray_address, tmp_path, [data / "hopper_b.hdf5", bad], "0"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert json.loads((tmp_path / "hopper_b__seed0" / "results.json").read_text())["steps"] == 200
+    assert f"FAILED {bad} seed 0: dataset file {bad} does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed=3-1"], "'3-1' is not a seed list"),
+    (["--seed=0,x"], "'0,x' is not a seed list"),
+    (["--seed=0,0-2"], "lists a seed twice"),
+    (["--dataset=walker2d-random-v2,,hopper-random-v2"], "is not a dataset list"),
+])
+def test_malformed_lists_are_one_line_exit_2(tmp_path, args, message):
+    out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr
+
+
+def test_lists_make_one_config_per_pair(bear):
+    cfgs = bear.parse_args(["--dataset=a.hdf5,b.hdf5", "--seed=0,2,5-7", "--batch-size=32"])
+    assert [(c.dataset, c.seed) for c in cfgs] == [(d, s) for d in ("a.hdf5", "b.hdf5") for s in (0, 2, 5, 6, 7)]
+    assert {c.batch_size for c in cfgs} == {32}
+    [one] = bear.parse_args(["--seed=3"])
+    assert one.seed == 3 and one.dataset == "walker2d-random-v2"
+
+
+def test_a_single_run_does_not_import_ray(data, tmp_path):
+    code = (f"import importlib.util, sys; s = importlib.util.spec_from_file_location('m', r'{SCRIPT}'); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+            f"code = m.main(['--dataset={data / 'walker2d_a.hdf5'}', '--seed=0', '--log-dir={tmp_path}', '--max-steps=20', "
+            "'--eval-every=20', '--eval-episodes=1', '--gpu=-1']); print('exit', code, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "exit 0 False", out.stderr
