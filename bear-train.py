@@ -40,8 +40,8 @@ def hp(default, help):
 @dataclass
 class Config:
     # run
-    dataset: str = hp("walker2d-random-v2", "D4RL MuJoCo name (v0/v1/v2) or path to an HDF5 file in D4RL's layout; "
-                                            "several, comma-separated, make a sweep")
+    dataset: str = hp("walker2d-random-v2", "D4RL MuJoCo name (v0/v1/v2), path to an HDF5 file in D4RL's layout, or "
+                                            "Minari id (mujoco/walker2d/medium-v0); several, comma-separated, make a sweep")
     env: str = hp("", "for a dataset path: walker2d | hopper | halfcheetah | ant (empty = from the file name)")
     seed: int = hp(0, "seeds python, numpy, torch and the evaluation environments; a list (0,2,5-7) or range (0-4) "
                       "makes a sweep")
@@ -138,7 +138,7 @@ class DatasetSpec:
     path: Path  # where the file is (or will be)
     url: str = ""  # D4RL's URL; empty for a user's path
     size: int | None = None  # published byte size, when known
-    kind: str = ""  # random, medium, ...
+    kind: str = ""  # random, medium, ...; "minari" for a Minari id
 
 
 def d4rl_dir() -> Path:
@@ -161,6 +161,8 @@ def resolve_dataset(dataset: str, env_override: str = "") -> DatasetSpec:
         size = V2_SIZES[env][KINDS.index(kind)] if version == 2 else None
         return DatasetSpec(dataset, env, d4rl_dir() / rel.split("/")[-1], f"{base.rstrip('/')}/{rel}", size, kind)
     path = Path(dataset).expanduser()
+    if MINARI_ID.fullmatch(dataset) and not path.is_file():  # an existing file is a file, whatever its name
+        return DatasetSpec(dataset, "", minari_dir() / dataset, kind="minari")
     if dataset.endswith((".hdf5", ".h5")) or os.sep in dataset:
         if not path.is_file():
             raise UserError(f"dataset file {path} does not exist; give an existing HDF5 file or a D4RL name such as walker2d-random-v2")
@@ -169,7 +171,8 @@ def resolve_dataset(dataset: str, env_override: str = "") -> DatasetSpec:
             raise UserError(f"cannot tell the environment of {path.name}; pass --env=walker2d (or hopper, halfcheetah, ant)")
         return DatasetSpec(path.stem, env, path)
     close = difflib.get_close_matches(dataset, ALL_NAMES, n=1, cutoff=0.5)
-    hint = f"did you mean {close[0]}?" if close else "expected <env>-<dataset>-v2 such as walker2d-random-v2, or a path to an HDF5 file"
+    hint = f"did you mean {close[0]}?" if close else "expected <env>-<dataset>-v2 such as walker2d-random-v2, a path " \
+        "to an HDF5 file, or a Minari id such as mujoco/walker2d/medium-v0"
     raise UserError(f"unknown dataset '{dataset}': {hint}")
 
 
@@ -275,6 +278,168 @@ def regenerated_path(spec: DatasetSpec, steps: int) -> Path:
     """A name D4RL never uses, so the regenerated file cannot be mistaken for the published one."""
     suffix = "" if steps == 1_000_000 else f"_{steps}steps"
     return d4rl_dir() / f"bear-regenerated_{spec.path.stem}_{ENVS[spec.env][0]}{suffix}.hdf5"
+
+
+# ============================================================================================== Minari datasets
+# `--dataset=mujoco/walker2d/medium-v0` (any Minari id, `namespace/.../name-vN`): the episodes become the same
+# transitions dict as D4RL's files, and evaluation uses the dataset's own evaluation environment and reference scores.
+MINARI_ID = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)+-v\d+")
+ROBOTICS_PIN = "gymnasium-robotics==1.4.2"
+
+
+def minari_dir() -> Path:
+    """Minari's own local root, read without creating it (minari's helper would)."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")
+
+
+@dataclass
+class EvalTarget:
+    """What evaluation needs: the environment, the map between its observations and actions and the data's, and the
+    reference returns of the normalised score (None: raw returns only)."""
+    env_id: str
+    make: object  # () -> gymnasium.Env
+    score_range: tuple[float, float] | None
+    obs_space: object = None  # a Dict space: its observations are flattened as in the data
+    action_range: tuple[np.ndarray, np.ndarray] | None = None  # the env's (low, high) when they are not [-1, 1]
+
+    def observe(self, obs) -> np.ndarray:
+        return flatten_obs(self.obs_space, obs)[0] if self.obs_space is not None else obs
+
+    def to_env(self, action: np.ndarray) -> np.ndarray:
+        if self.action_range is None:
+            return action
+        low, high = self.action_range
+        return (low + (action + 1) / 2 * (high - low)).astype(action.dtype)
+
+
+def flatten_obs(space, obs) -> np.ndarray:
+    """Dict observations -> [n, sum of sizes], the keys in the space's order, for one observation or a batch of n."""
+    import gymnasium
+
+    if not isinstance(space, gymnasium.spaces.Dict):
+        return np.asarray(obs, np.float32).reshape(-1, int(np.prod(space.shape)))
+    parts = [flatten_obs(sub, obs[key]) for key, sub in space.spaces.items()]
+    return np.concatenate(parts, axis=1)
+
+
+def load_minari(spec: DatasetSpec, offline: bool) -> tuple[dict[str, np.ndarray], EvalTarget, list[str]]:
+    """The dataset from the local Minari root, downloaded through minari (under dataset_lock) when it is missing."""
+    folder = spec.path
+    fetch = f"`minari download {spec.name}` (it goes to {folder})"
+    if not (folder / "data").is_dir():
+        if offline:
+            raise UserError(f"Minari dataset {spec.name} is not in {minari_dir()} and --offline forbids downloading it: "
+                            f"fetch it with {fetch}, or point MINARI_DATASETS_PATH at the root that holds it")
+        new_folders = [p for p in [folder, *folder.parents] if not p.exists()]  # deepest first
+        try:
+            with dataset_lock(folder):
+                if not (folder / "data").is_dir():
+                    _download_minari(spec, folder, fetch)
+        except BaseException:
+            for p in new_folders:  # a failed download leaves no empty folders behind
+                if p.is_dir() and not any(p.iterdir()):
+                    p.rmdir()
+            raise
+    try:
+        import minari
+
+        dataset = minari.MinariDataset(folder / "data")
+        data = minari_transitions(dataset)
+        target = minari_eval_target(dataset)
+    except UserError:
+        raise
+    except Exception as e:  # minari and h5py raise many kinds on bad metadata or data
+        raise UserError(f"{folder} is not a readable Minari dataset ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"delete it and fetch it again with {fetch}") from None
+    notes = ["Minari dataset: other environments, policies and reference scores than D4RL's; not comparable with "
+             "D4RL tables"]
+    return data, target, notes
+
+
+def _download_minari(spec: DatasetSpec, folder: Path, fetch: str) -> None:
+    import shutil
+
+    import minari
+
+    existed = folder.exists()
+    try:
+        minari.download_dataset(spec.name)  # minari's own progress bars
+    except BaseException as e:
+        if not existed:  # nothing partial is left where a later run would look
+            shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(e, Interrupted):
+            e.what = f"while downloading Minari dataset {spec.name}: nothing partial was kept"
+            raise
+        if not isinstance(e, Exception):
+            raise
+        raise UserError(f"could not download Minari dataset {spec.name} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); fetch it with {fetch}") from None
+
+
+def quietly(make, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return make(**kwargs)
+
+
+def minari_transitions(dataset) -> dict[str, np.ndarray]:
+    """Episodes -> transitions. Minari stores T+1 observations for T steps, so the next state is the next
+    observation of the same episode, the last step's included; done is the termination flag (a truncation only
+    ends the episode). Actions are scaled to [-1, 1] from the dataset's action space."""
+    import gymnasium
+
+    obs_space, act_space = dataset.observation_space, dataset.action_space
+    if not isinstance(act_space, gymnasium.spaces.Box):
+        raise UserError(f"{dataset.id} has {type(act_space).__name__} actions; BEAR needs continuous (Box) actions")
+    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
+    for episode in dataset.iterate_episodes():
+        steps = len(episode.rewards)
+        obs = flatten_obs(obs_space, episode.observations)  # [T+1, S]
+        if len(obs) != steps + 1:
+            raise UserError(f"{dataset.id}: episode {episode.id} has {len(obs)} observations for {steps} steps (Minari "
+                            "stores one more); the dataset is damaged: fetch it again")
+        parts["observations"].append(obs[:-1])
+        parts["next_observations"].append(obs[1:])
+        parts["actions"].append(np.asarray(episode.actions, np.float32).reshape(steps, -1))
+        parts["rewards"].append(np.asarray(episode.rewards, np.float32))
+        parts["terminals"].append(np.asarray(episode.terminations, np.float32))
+    if not parts["rewards"] or sum(map(len, parts["rewards"])) == 0:
+        raise UserError(f"{dataset.id} holds no steps")
+    data = {k: np.concatenate(v) for k, v in parts.items()}
+    if not np.array_equal(act_space.low, -np.ones_like(act_space.low)) or not np.array_equal(act_space.high, np.ones_like(act_space.high)):
+        low, high = act_space.low.astype(np.float32), act_space.high.astype(np.float32)
+        data["actions"] = 2 * (data["actions"] - low) / (high - low) - 1
+    for key in ("observations", "actions", "rewards", "next_observations"):
+        bad = ~np.isfinite(data[key].reshape(len(data[key]), -1)).all(axis=1)
+        if bad.any():
+            raise UserError(f"{dataset.id}: {key} has a non-finite value in transition {int(np.argmax(bad))}; fetch it again")
+    return data
+
+
+def minari_eval_target(dataset) -> EvalTarget:
+    """The dataset's evaluation environment (recover_environment(eval_env=True)), made once now so that a missing
+    package stops the run before training, and the reference scores from its metadata when it has them."""
+    import gymnasium
+
+    try:
+        with warnings.catch_warnings():  # minari warns about its requirements here; a failure below says what is missing
+            warnings.simplefilter("ignore")
+            env = dataset.recover_environment(eval_env=True)
+        env_id = env.spec.id if env.spec else "?"
+        env.close()
+    except (ImportError, gymnasium.error.Error, ValueError) as e:
+        hint = f"pip install {ROBOTICS_PIN}" if "robotics" in str(e) or "Maze" in str(e) or "Adroit" in str(e) \
+            else "install the package that provides it"
+        raise UserError(f"the evaluation environment of {dataset.id} cannot be made ({type(e).__name__}: {e}); "
+                        f"{hint}") from None
+    metadata = dataset.storage.metadata
+    lo, hi = metadata.get("ref_min_score"), metadata.get("ref_max_score")
+    act = dataset.action_space
+    unit = np.array_equal(act.low, -np.ones_like(act.low)) and np.array_equal(act.high, np.ones_like(act.high))
+    return EvalTarget(env_id, lambda: quietly(dataset.recover_environment, eval_env=True),
+                      (float(lo), float(hi)) if lo is not None and hi is not None else None,
+                      dataset.observation_space if isinstance(dataset.observation_space, gymnasium.spaces.Dict) else None,
+                      None if unit else (act.low.astype(np.float32), act.high.astype(np.float32)))
 
 
 # ============================================================================================== data preparation at scale
@@ -550,6 +715,28 @@ def _check_error(spec: DatasetSpec) -> UserError | None:
     return None
 
 
+@dataclass
+class LoadedData:
+    transitions: dict[str, np.ndarray]
+    target: EvalTarget
+    file: Path
+    source: str  # cache, download, file, regenerated, minari
+    notes: list[str]
+    kernel_env: str  # the ENVS key the kernel choice goes by ("" when none matches)
+
+
+def load_data(spec: DatasetSpec, offline: bool, regen_steps: int = 1_000_000, regen_workers: int = 0) -> LoadedData:
+    """The transitions and the evaluation target of a D4RL name or file, or of a Minari id."""
+    if spec.kind == "minari":
+        data, target, notes = load_minari(spec, offline)
+        env = next((e for e in sorted(ENVS, key=len, reverse=True) if e in target.env_id.lower()), "")
+        return LoadedData(data, target, spec.path, "minari", notes, env)
+    arrays, path, env, source, notes = find_dataset(spec, regen_steps, offline, regen_workers)
+    env_id = ENVS[env][0]
+    target = EvalTarget(env_id, lambda: make_env(env_id), ENVS[env][3:5])
+    return LoadedData(to_transitions(arrays), target, path, source, notes, env)
+
+
 class ReplayBuffer:
     """All transitions on the training device, filled once; sampling never leaves the device."""
 
@@ -820,8 +1007,11 @@ class BEAR:
 
 
 # ============================================================================================== evaluation
-def normalized_score(env: str, ret: float) -> float:
-    lo, hi = ENVS[env][3:5]
+def normalized_score(ret: float, score_range: tuple[float, float] | None) -> float | None:
+    """100 (R - min) / (max - min) with D4RL's constants or a Minari dataset's reference returns; None without them."""
+    if score_range is None:
+        return None
+    lo, hi = score_range
     return 100 * (ret - lo) / (hi - lo)
 
 
@@ -829,20 +1019,22 @@ class Evaluator:
     """`episodes` environments stepped side by side; every evaluation restarts them from the same seeds, so an
     evaluation depends only on the networks and the step (nothing to carry across a resume)."""
 
-    def __init__(self, env_id: str, episodes: int, seed: int):
-        self.envs = [make_env(env_id) for _ in range(episodes)]
+    def __init__(self, target: EvalTarget, episodes: int, seed: int):
+        self.target = target
+        self.envs = [target.make() for _ in range(episodes)]
         self.seeds = [10_000 + 1_000 * seed + i for i in range(episodes)]
 
     @torch.no_grad()
     def run(self, agent: BEAR, generator: torch.Generator) -> np.ndarray:
-        obs = np.stack([env.reset(seed=s)[0] for env, s in zip(self.envs, self.seeds)])
+        obs = np.stack([self.target.observe(env.reset(seed=s)[0]) for env, s in zip(self.envs, self.seeds)])
         returns, active = np.zeros(len(self.envs)), np.ones(len(self.envs), bool)
         while active.any():
             live = np.flatnonzero(active)
             s = torch.as_tensor(obs[live], dtype=torch.float32, device=agent.device)
             actions = agent.act(s, generator).cpu().numpy()  # all environments' candidates in one forward pass
             for i, action in zip(live, actions):
-                obs[i], reward, terminated, truncated, _ = self.envs[i].step(action)
+                next_obs, reward, terminated, truncated, _ = self.envs[i].step(self.target.to_env(action))
+                obs[i] = self.target.observe(next_obs)
                 returns[i] += reward
                 active[i] = not (terminated or truncated)
         return returns
@@ -892,8 +1084,9 @@ def atomic_write(path: Path, write, path_only: bool = False) -> None:
             os.unlink(tmp)
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM outside the training loop; `what` says what was stopped and what was kept."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM outside the training loop; `what` says what was stopped and what was kept. A
+    BaseException, like KeyboardInterrupt, so that no library's `except Exception` swallows it."""
 
     def __init__(self, signum: int, what: str = ""):
         super().__init__(signum)
@@ -1048,12 +1241,16 @@ def summarize(root: Path, run_dirs: list[Path] | None = None) -> str:
         config = json.loads(config_path.read_text())
         results_path = run_dir / "results.json"
         with open(run_dir / "metrics.csv", newline="") as f:
-            evals = [(int(r["step"]), float(r["eval_normalized_score"])) for r in csv.DictReader(f) if r["eval_normalized_score"]]
+            rows = list(csv.DictReader(f))
+        evals = [(int(r["step"]), float(r["eval_normalized_score"])) for r in rows if r["eval_normalized_score"]]
+        raw = not evals  # a dataset without reference scores: raw returns
+        evals = evals or [(int(r["step"]), float(r["eval_return"])) for r in rows if r["eval_return"]]
         if not evals:
             continue
         finished = results_path.exists()
         runs.setdefault(config.get("dataset_name", config["dataset"]), []).append(
-            {"seed": config["seed"], "evals": evals, "finished": finished, "source": config.get("dataset_source", "?")})
+            {"seed": config["seed"], "evals": evals, "finished": finished, "source": config.get("dataset_source", "?"),
+             "raw": raw})
     if not runs:
         raise UserError(f"no runs with an evaluation under {root}; point --summarize at a --log-dir")
     lines = ["| dataset | seeds | steps | final normalised score | best normalised score | notes |", "|---|---|---|---|---|---|"]
@@ -1066,6 +1263,10 @@ def summarize(root: Path, run_dirs: list[Path] | None = None) -> str:
             notes.append(f"{sum(not r['finished'] for r in group)} unfinished (latest evaluation used)")
         if any(r["source"] == "regenerated" for r in group):
             notes.append("REGENERATED data: not comparable with published tables")
+        if any(r["source"] == "minari" for r in group):
+            notes.append("Minari data: not comparable with D4RL tables")
+        if any(r["raw"] for r in group):
+            notes.append("RAW RETURNS: the dataset has no reference scores")
         lines.append(f"| {dataset} | {len(group)} | {'/'.join(map(str, steps))} | {final.mean():.1f} ± {final.std():.1f} | "
                      f"{best.mean():.1f} ± {best.std():.1f} | {'; '.join(notes)} |")
         plot_seed_curves(dataset, group, root / f"summary_{dataset.replace(os.sep, '_')}.png")
@@ -1135,7 +1336,7 @@ def run_command(cfg: Config, gpu: int, threads: int) -> list[str]:
     return args
 
 
-def _run_in_task(script: str, args: list[str], log: str) -> tuple[int, str]:
+def _run_in_task(script: str, args: list[str], log: str, caches: dict[str, str]) -> tuple[int, str]:
     """Body of a sweep's Ray task: run this script for one pair; (exit code, last line of its stderr). Ray's
     cancellation (the driver was stopped) arrives as KeyboardInterrupt: the run gets SIGTERM and checkpoints."""
     import ctypes
@@ -1149,7 +1350,7 @@ def _run_in_task(script: str, args: list[str], log: str) -> tuple[int, str]:
         os.setpgrp()
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1")  # Ray's CUDA_VISIBLE_DEVICES for this task is inherited
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **caches)  # Ray's CUDA_VISIBLE_DEVICES for this task is inherited
     with open(log, "a") as out:
         out.write(f"=== started on {os.uname().nodename}, CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')}\n")
         out.flush()
@@ -1194,12 +1395,12 @@ def sweep(cfgs: list[Config]) -> int:
         group = [c for c in cfgs if c.dataset == dataset]
         try:
             spec = resolve_dataset(dataset, head.env)
-            find_dataset(spec, head.regen_steps, is_offline(head), head.regen_workers)
+            load_data(spec, is_offline(head), head.regen_steps, head.regen_workers)  # fetched once, here
         except UserError as e:
             failed_early += [(f"{c.dataset} seed {c.seed}", str(e)) for c in group]
             continue
         for c in group:  # absolute paths: the runs start in other folders, or on other machines
-            c.log_dir, c.dataset = str(log_dir), c.dataset if spec.url else str(spec.path.absolute())
+            c.log_dir, c.dataset = str(log_dir), c.dataset if spec.url or spec.kind == "minari" else str(spec.path.absolute())
             folder = log_dir / run_folder_name(spec.name, c.seed)
             done = (folder / "results.json").exists() and \
                 json.loads((folder / "results.json").read_text()).get("steps") == c.max_steps
@@ -1242,13 +1443,15 @@ def _sweep_on_ray(head: Config, runs: list[SweepRun], log_dir: Path, stop: list,
         gpus = head.gpus_per_run if head.gpus_per_run >= 0 else float(resources.get("GPU", 0) > 0 and head.gpu >= 0)
         task = ray.remote(num_cpus=head.cpus_per_run, num_gpus=gpus, max_retries=0)(_run_in_task)
         script = str(Path(__file__).resolve())
+        # the runs read the data where the driver prepared it, whatever the environment of the Ray workers says
+        caches = {"D4RL_DATASET_DIR": str(d4rl_dir().absolute()), "MINARI_DATASETS_PATH": str(minari_dir().absolute())}
         (log_dir / "sweep-logs").mkdir(parents=True, exist_ok=True)
 
         def submit(run: SweepRun) -> None:
             run.attempts += 1
             run.log_size = run.log.stat().st_size if run.log.exists() else 0  # the task's first line says it started
             args = run_command(run.cfg, 0 if gpus > 0 else -1, max(1, int(head.cpus_per_run)))
-            run.ref, run.state = task.remote(script, args, str(run.log)), "running"
+            run.ref, run.state = task.remote(script, args, str(run.log), caches), "running"
 
         for run in runs:
             if run.state == "waiting" and not stop:
@@ -1440,11 +1643,10 @@ def train(cfg: Config) -> dict:
     run_dir, resuming = prepare_run_dir(cfg, spec.name)
     device = pick_device(cfg.gpu)
     t_load = time.time()
-    arrays, path, env, source, notes = find_dataset(spec, cfg.regen_steps, is_offline(cfg), cfg.regen_workers)
-    data = to_transitions(arrays)
-    del arrays
-    env_id = ENVS[env][0]
-    print(f"{path.name}: {len(data['observations'])} transitions, {int(data['terminals'].sum())} terminal "
+    loaded = load_data(spec, is_offline(cfg), cfg.regen_steps, cfg.regen_workers)
+    data, target, path, source, notes = loaded.transitions, loaded.target, loaded.file, loaded.source, loaded.notes
+    env_id = target.env_id
+    print(f"{spec.name if source == 'minari' else path.name}: {len(data['observations'])} transitions, {int(data['terminals'].sum())} terminal "
           f"({source}); found and loaded in {time.time() - t_load:.1f} s; device {device}", flush=True)
 
     if cfg.threads:
@@ -1454,9 +1656,9 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     buffer = ReplayBuffer(data, device)
     del data
-    kernel = cfg.kernel if cfg.kernel != "auto" else "gaussian" if env == "halfcheetah" else "laplacian"
+    kernel = cfg.kernel if cfg.kernel != "auto" else "gaussian" if loaded.kernel_env == "halfcheetah" else "laplacian"
     agent = BEAR(cfg, buffer.obs.shape[1], buffer.act.shape[1], kernel, device)
-    evaluator = Evaluator(env_id, cfg.eval_episodes, cfg.seed)
+    evaluator = Evaluator(target, cfg.eval_episodes, cfg.seed)
 
     state = {"evals": [], "elapsed": 0.0, "train_seconds": 0.0, "trained_steps": 0, "last_log": 0, "csv_offset": None}
     ckpts = checkpoints(run_dir) if resuming else []
@@ -1506,12 +1708,13 @@ def train(cfg: Config) -> dict:
                     if is_eval:
                         generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
                         ret = float(evaluator.run(agent, generator).mean())
-                        score = normalized_score(env, ret)
+                        score = normalized_score(ret, target.score_range)
                         state["evals"].append((step, ret, score))
-                        values |= {"eval_return": ret, "eval_normalized_score": score}
-                        tqdm.write(f"step {step:>8}  return {ret:8.1f}  normalised score {score:6.1f}  alpha {values['alpha']:.3g}"
+                        values |= {"eval_return": ret} | ({"eval_normalized_score": score} if score is not None else {})
+                        shown = f"normalised score {score:6.1f}" if score is not None else "(no reference scores)"
+                        tqdm.write(f"step {step:>8}  return {ret:8.1f}  {shown}  alpha {values['alpha']:.3g}"
                                    f"  mmd {values['mmd']:.3f}  critic loss {values['critic_loss']:.3g}")
-                        bar.set_postfix(score=f"{score:.1f}")
+                        bar.set_postfix(score=f"{score if score is not None else ret:.1f}")
                     logger.write(step, values, rate)
                     if is_eval:
                         checkpoint(step)
@@ -1531,7 +1734,7 @@ def train(cfg: Config) -> dict:
     _, returns, scores = zip(*state["evals"])
     results = {
         "dataset": spec.name, "env_id": env_id, "seed": cfg.seed, "steps": cfg.max_steps,
-        "final_normalized_score": scores[-1], "best_normalized_score": max(scores),
+        "final_normalized_score": scores[-1], "best_normalized_score": None if scores[-1] is None else max(scores),
         "final_return": returns[-1], "best_return": max(returns),
         "wall_clock_seconds": round(state["elapsed"], 2),
         "train_steps_per_second": round(state["trained_steps"] / max(state["train_seconds"], 1e-9), 2),

@@ -49,3 +49,66 @@ def write_d4rl_file(path, n=2000, obs_dim=17, act_dim=6, episode_len=50, seed=0,
                 f.create_dataset(key, data=value, compression="gzip")
         f.create_dataset("next_observations", data=np.roll(arrays["observations"], -1, axis=0))
     return arrays
+
+
+def write_minari_dataset(root, dataset_id, env_id, episodes, ref=(0.0, 100.0), seed=0):
+    """A small Minari dataset under root (MINARI_DATASETS_PATH), made with minari itself. episodes: a list of
+    (steps, "term" or "trunc"). Observations are synthetic so that tests can tell rows apart: in episode e, step t,
+    every element of a Box observation is 1000 e + t (a Dict observation: every key's elements). Returns the
+    episodes' (observations, actions, rewards, terminations, truncations)."""
+    import os
+
+    before = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)  # where minari writes; put back below
+    try:
+        return _write_minari(dataset_id, env_id, episodes, ref, seed)
+    finally:
+        if before is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = before
+
+
+def _write_minari(dataset_id, env_id, episodes, ref, seed):
+    import warnings
+
+    import gymnasium as gym
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    rng = np.random.default_rng(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if "Maze" in env_id or "Adroit" in env_id:
+            import gymnasium_robotics
+
+            gym.register_envs(gymnasium_robotics)
+        env = gym.make(env_id)
+    space, act_space = env.observation_space, env.action_space
+
+    def observation(value):
+        if isinstance(space, gym.spaces.Dict):
+            return {k: np.full(s.shape, value, s.dtype) for k, s in space.spaces.items()}
+        return np.full(space.shape, value, space.dtype)
+
+    buffers, made = [], []
+    for e, (steps, end) in enumerate(episodes):
+        obs = [observation(1000 * e + t) for t in range(steps + 1)]
+        if isinstance(space, gym.spaces.Dict):
+            obs = {k: np.stack([o[k] for o in obs]) for k in space.spaces}
+        else:
+            obs = np.stack(obs)
+        actions = rng.uniform(act_space.low, act_space.high, (steps, *act_space.shape)).astype(act_space.dtype)
+        rewards = rng.normal(size=steps)
+        terminations = [end == "term" and t == steps - 1 for t in range(steps)]
+        truncations = [end == "trunc" and t == steps - 1 for t in range(steps)]
+        buffers.append(EpisodeBuffer(id=e, observations=obs, actions=actions, rewards=list(rewards),
+                                     terminations=terminations, truncations=truncations, infos={}))
+        made.append((obs, actions, rewards, terminations, truncations))
+    kwargs = dict(ref_min_score=ref[0], ref_max_score=ref[1]) if ref else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        minari.create_dataset_from_buffers(dataset_id, buffers, env=env_id, algorithm_name="test", author="tests",
+                                           author_email="tests", code_permalink="tests", description="test data",
+                                           data_format="hdf5", **kwargs)
+    return made

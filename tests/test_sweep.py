@@ -172,11 +172,19 @@ def test_each_run_trains_on_the_gpu_ray_gives_it(ray_address, data, tmp_path):
 
 
 def test_a_bad_pair_fails_alone_with_its_reason(ray_address, data, tmp_path):
+    # the good pair is a Minari dataset: ids with slashes work in sweeps too
+    from conftest import write_minari_dataset
+
+    write_minari_dataset(tmp_path / "minari", "test/hopper/tiny-v0", "Hopper-v5", [(150, "term"), (100, "trunc")])
     bad = data / "walker2d_missing.hdf5"
-    out = run(sweep_command(ray_address, tmp_path, [data / "hopper_b.hdf5", bad], "0"))
+    out = subprocess.run(sweep_command(ray_address, tmp_path / "runs", ["test/hopper/tiny-v0", bad], "0"),
+                         capture_output=True, text=True, timeout=900,
+                         env=dict(ENV, MINARI_DATASETS_PATH=str(tmp_path / "minari")))
     assert out.returncode == 1, out.stdout + out.stderr
-    assert json.loads((tmp_path / "hopper_b__seed0" / "results.json").read_text())["steps"] == 200
+    results = json.loads((tmp_path / "runs" / "test_hopper_tiny-v0__seed0" / "results.json").read_text())
+    assert results["steps"] == 200 and results["dataset_source"] == "minari"
     assert f"FAILED {bad} seed 0: dataset file {bad} does not exist" in out.stderr
+    assert "| test/hopper/tiny-v0 | 1 | 200 |" in out.stdout
     assert "Traceback" not in out.stderr
 
 
