@@ -177,13 +177,20 @@ def test_a_bad_pair_fails_alone_with_its_reason(ray_address, data, tmp_path):
 
     write_minari_dataset(tmp_path / "minari", "test/hopper/tiny-v0", "Hopper-v5", [(150, "term"), (100, "trunc")])
     bad = data / "walker2d_missing.hdf5"
-    out = subprocess.run(sweep_command(ray_address, tmp_path / "runs", ["test/hopper/tiny-v0", bad], "0"),
+    # seed 1's folder holds a run started with other settings: that run refuses to resume (exit 2, at run time)
+    (tmp_path / "runs" / "test_hopper_tiny-v0__seed1").mkdir(parents=True)
+    (tmp_path / "runs" / "test_hopper_tiny-v0__seed1" / "config.json").write_text('{"batch_size": 999}')
+    out = subprocess.run(sweep_command(ray_address, tmp_path / "runs", ["test/hopper/tiny-v0", bad], "0-1"),
                          capture_output=True, text=True, timeout=900,
                          env=dict(ENV, MINARI_DATASETS_PATH=str(tmp_path / "minari")))
     assert out.returncode == 1, out.stdout + out.stderr
     results = json.loads((tmp_path / "runs" / "test_hopper_tiny-v0__seed0" / "results.json").read_text())
     assert results["steps"] == 200 and results["dataset_source"] == "minari"
     assert f"FAILED {bad} seed 0: dataset file {bad} does not exist" in out.stderr
+    assert f"FAILED {bad} seed 1: dataset file {bad} does not exist" in out.stderr
+    assert "FAILED test_hopper_tiny-v0__seed1: bad input: bear-train.py: error: --resume:" in out.stderr
+    assert "test_hopper_tiny-v0__seed1 ended with" not in out.stdout  # not retried
+    assert (tmp_path / "runs" / "sweep-logs" / "test_hopper_tiny-v0__seed1.log").read_text().count("=== started") == 1
     assert "| test/hopper/tiny-v0 | 1 | 200 |" in out.stdout
     assert "Traceback" not in out.stderr
 
