@@ -1,9 +1,12 @@
 """BEAR (Bootstrapping Error Accumulation Reduction, Kumar et al. 2019) on D4RL MuJoCo data, in one file.
 
     python bear-train.py --dataset=walker2d-random-v2 --seed=0 --gpu=0
+    python bear-train.py --dataset=walker2d-random-v2,hopper-random-v2 --seed=0-4 --gpu=0   # a sweep on Ray
+    python bear-train.py --dataset=mujoco/walker2d/medium-v0                                # a Minari dataset
 
-Reads top to bottom in the order of the data's path: hyperparameters, data, networks, the BEAR update,
-evaluation, run bookkeeping (logs, checkpoints, plots, seed tables), main. Importing it runs nothing.
+Reads top to bottom in the order of the data's path: hyperparameters, data (D4RL files, Minari datasets, data
+preparation at scale), networks, the BEAR update, evaluation, run bookkeeping (logs, checkpoints, plots, seed
+tables), the sweep on Ray, main. Importing it runs nothing.
 """
 import argparse
 import contextlib
@@ -1337,7 +1340,7 @@ def run_command(cfg: Config, gpu: int, threads: int) -> list[str]:
 
 
 def _run_in_task(script: str, args: list[str], log: str, caches: dict[str, str]) -> tuple[int, str]:
-    """Body of a sweep's Ray task: run this script for one pair; (exit code, last line of its stderr). Ray's
+    """Body of a sweep's Ray task: run this script for one pair; (exit code, last line of its output). Ray's
     cancellation (the driver was stopped) arrives as KeyboardInterrupt: the run gets SIGTERM and checkpoints."""
     import ctypes
     import os
