@@ -409,8 +409,8 @@ def minari_transitions(dataset) -> dict[str, np.ndarray]:
     if not parts["rewards"] or sum(map(len, parts["rewards"])) == 0:
         raise UserError(f"{dataset.id} holds no steps")
     data = {k: np.concatenate(v) for k, v in parts.items()}
-    if not np.array_equal(act_space.low, -np.ones_like(act_space.low)) or not np.array_equal(act_space.high, np.ones_like(act_space.high)):
-        low, high = act_space.low.astype(np.float32), act_space.high.astype(np.float32)
+    if (bounds := action_bounds(act_space)) is not None:
+        low, high = bounds
         data["actions"] = 2 * (data["actions"] - low) / (high - low) - 1
     for key in ("observations", "actions", "rewards", "next_observations"):
         bad = ~np.isfinite(data[key].reshape(len(data[key]), -1)).all(axis=1)
@@ -425,9 +425,8 @@ def minari_eval_target(dataset) -> EvalTarget:
     import gymnasium
 
     try:
-        with warnings.catch_warnings():  # minari warns about its requirements here; a failure below says what is missing
-            warnings.simplefilter("ignore")
-            env = dataset.recover_environment(eval_env=True)
+        # minari warns about its requirements here; a failure below says what is missing
+        env = quietly(dataset.recover_environment, eval_env=True)
         env_id = env.spec.id if env.spec else "?"
         env.close()
     except (ImportError, gymnasium.error.Error, ValueError) as e:
@@ -437,12 +436,16 @@ def minari_eval_target(dataset) -> EvalTarget:
                         f"{hint}") from None
     metadata = dataset.storage.metadata
     lo, hi = metadata.get("ref_min_score"), metadata.get("ref_max_score")
-    act = dataset.action_space
-    unit = np.array_equal(act.low, -np.ones_like(act.low)) and np.array_equal(act.high, np.ones_like(act.high))
     return EvalTarget(env_id, lambda: quietly(dataset.recover_environment, eval_env=True),
                       (float(lo), float(hi)) if lo is not None and hi is not None else None,
                       dataset.observation_space if isinstance(dataset.observation_space, gymnasium.spaces.Dict) else None,
-                      None if unit else (act.low.astype(np.float32), act.high.astype(np.float32)))
+                      action_bounds(dataset.action_space))
+
+
+def action_bounds(space) -> tuple[np.ndarray, np.ndarray] | None:
+    """(low, high) of a Box action space that is not already [-1, 1]; None when it is."""
+    low, high = space.low.astype(np.float32), space.high.astype(np.float32)
+    return None if (low == -1).all() and (high == 1).all() else (low, high)
 
 
 # ============================================================================================== data preparation at scale
@@ -639,32 +642,34 @@ def find_dataset(spec: DatasetSpec, regen_steps: int = 1_000_000, offline: bool 
     names it. Offline, the network is never touched."""
     if not spec.url:
         return read_d4rl(spec.path, spec.env), spec.path, spec.env, "file", []
-    found = _from_cache(spec, regen_steps, offline)
+    found, _ = _from_cache(spec, regen_steps, offline)
     if found is None:
         with dataset_lock(spec.path):  # the first process fetches; the others wait, then find its file
-            found = _from_cache(spec, regen_steps, offline) or _fetch(spec, regen_steps, offline, regen_workers)
+            found, bad_cache = _from_cache(spec, regen_steps, offline)
+            found = found or _fetch(spec, regen_steps, offline, regen_workers, bad_cache)
     return found
 
 
 def _from_cache(spec: DatasetSpec, regen_steps: int, offline: bool):
+    """(the loaded dataset or None, the cached file's check failure or None)."""
     if spec.path.exists():
         try:
             data = read_d4rl(spec.path, spec.env)
         except UserError as e:
             if offline:
                 raise UserError(f"{e}; offline, it is not downloaded again: place a good copy from {spec.url} at {spec.path}")
-            return None
+            return None, e
         notes = []
         size = spec.path.stat().st_size
         if spec.size is not None and size != spec.size:
             notes.append(f"{spec.path} is {size} bytes, D4RL publishes {spec.size}: scores may not match published ones")
             warn(notes[-1])
-        return data, spec.path, spec.env, "cache", notes
+        return (data, spec.path, spec.env, "cache", notes), None
     if offline and spec.kind == "random":
         regen = regenerated_path(spec, regen_steps)
         if regen.exists() and regenerated_recipe(regen) == REGEN_RECIPE:
-            return _regenerated(spec, regen, "offline (--offline)")
-    return None
+            return _regenerated(spec, regen, "offline (--offline)"), None
+    return None, None
 
 
 def _regenerated(spec: DatasetSpec, regen: Path, reason: str):
@@ -674,12 +679,10 @@ def _regenerated(spec: DatasetSpec, regen: Path, reason: str):
     return read_d4rl(regen, spec.env), regen, spec.env, "regenerated", notes
 
 
-def _fetch(spec: DatasetSpec, regen_steps: int, offline: bool, regen_workers: int):
+def _fetch(spec: DatasetSpec, regen_steps: int, offline: bool, regen_workers: int, bad_cache: UserError | None):
     reason = "offline (--offline)"
     if not offline:
-        bad_cache = None
-        if spec.path.exists():
-            bad_cache = _check_error(spec)
+        if bad_cache:
             warn(f"the cached file fails its checks ({bad_cache}); downloading it again")
         try:
             return download(spec.url, spec.path, spec.size, spec.env), spec.path, spec.env, "download", []
@@ -708,14 +711,6 @@ def _fetch(spec: DatasetSpec, regen_steps: int, offline: bool, regen_workers: in
         raise
     print(f"regenerated {regen} in {time.time() - t0:.0f} s", flush=True)
     return _regenerated(spec, regen, reason)
-
-
-def _check_error(spec: DatasetSpec) -> UserError | None:
-    try:
-        read_d4rl(spec.path, spec.env)
-    except UserError as e:
-        return e
-    return None
 
 
 @dataclass
