@@ -713,6 +713,8 @@ def _fetch(spec: DatasetSpec, regen_steps: int, offline: bool, regen_workers: in
     return _regenerated(spec, regen, reason)
 
 
+# ============================================================================================== training data
+# Where every source meets: D4RL names and files, and Minari ids, become one transitions dict on the device.
 @dataclass
 class LoadedData:
     transitions: dict[str, np.ndarray]
