@@ -17,6 +17,7 @@ import http.client
 import json
 import math
 import os
+import pickle
 import random
 import re
 import signal
@@ -77,13 +78,20 @@ class Config:
     vae_lr: float = hp(3e-4, "Adam learning rate of the behaviour VAE")
     alpha_lr: float = hp(1e-3, "Adam learning rate of log alpha")
     # evaluation and logging
-    eval_every: int = hp(5_000, "evaluate every this many steps, and at the end")
+    eval_every: int = hp(1_000, "evaluate every this many steps, and at the end (the reference schedule)")
     eval_episodes: int = hp(10, "episodes per evaluation, run side by side")
+    eval_workers: int = hp(-1, "evaluation worker processes, which evaluate while training goes on; 0 = in the "
+                               "training process, which waits; -1 = the cores this process may use minus training's "
+                               "(its --threads on the CPU, one core on a GPU), at least 1")
+    eval_threads: int = hp(1, "torch threads of each evaluation worker")
     eval_candidates: int = hp(100, "actions sampled per state at evaluation; the highest ensemble-mean Q is taken")
     log_every: int = hp(1_000, "steps per metrics.csv row (means over the interval)")
+    probe_size: int = hp(4096, "data pairs whose critics' Q is logged at every row against the pairs' discounted "
+                               "Monte-Carlo return in the data; 0 = none")
     log_dir: str = hp("runs", "folder that holds one folder per run")
     run_name: str = hp("", "name of the run folder; empty = <dataset>__seed<seed>")
     resume: bool = hp(False, "continue the run in its folder from the newest checkpoint")
+    checkpoint_every: int = hp(5_000, "steps between checkpoints; also at the end and on SIGTERM/SIGINT")
     compile: bool = hp(False, "torch.compile the update (with CUDA: CUDA graphs)")
     regen_steps: int = hp(1_000_000, "environment steps when a random dataset must be regenerated offline")
     regen_workers: int = hp(0, "processes that regenerate a random dataset; 0 = every core this process may use")
@@ -95,7 +103,9 @@ class Config:
     # sweep: several datasets or seeds, each pair one run, as Ray tasks
     ray_address: str = hp("", "Ray cluster to run a sweep on (auto, ray://host:10001); empty = RAY_ADDRESS, else a "
                               "local Ray instance")
-    cpus_per_run: float = hp(1.0, "CPUs Ray reserves for each run of a sweep; also the run's torch threads")
+    cpus_per_run: float = hp(1.0, "CPUs Ray reserves for each run of a sweep: its torch threads and its evaluation "
+                                  "workers together (a CPU run: one worker, a GPU run: one thread; 1 = evaluate in "
+                                  "the training process)")
     gpus_per_run: float = hp(-1.0, "GPUs for each run of a sweep (0.25 packs four runs on a GPU); -1 = 1 when the "
                                    "Ray cluster has GPUs and --gpu is not -1, else 0")
     max_retries: int = hp(3, "a sweep's run whose process or node dies, or that is preempted, is retried this often")
@@ -107,7 +117,7 @@ VAE_LATENT_CLIP = 0.5  # z ~ N(0, I) clipped element-wise when sampling the beha
 ACTOR_LOG_STD_RANGE = (-20.0, 2.0)
 MMD_JITTER = 1e-6  # MMD = sqrt(MMD^2 + 1e-6)
 
-EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 1, 75, 130
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_CRASHED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 1, 70, 75, 130
 
 
 class UserError(Exception):
@@ -254,19 +264,46 @@ def read_d4rl(path: Path, env: str) -> dict[str, np.ndarray]:
     return data
 
 
-def to_transitions(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def to_transitions(data: dict[str, np.ndarray], gamma: float = 0.99) -> dict[str, np.ndarray]:
     """D4RL's q-learning transitions: next state = observations[i+1], done = terminals[i]; rows that time out
-    (their successor starts the next episode) and the last row are dropped."""
+    (their successor starts the next episode) and the last row are dropped. Each transition also gets the data's
+    discounted Monte-Carlo return, over the file's rows (a timed-out row's reward included)."""
     n = len(data["observations"])
     timeouts = data["timeouts"].reshape(n).astype(bool)
+    terminals = data["terminals"].reshape(n).astype(bool)
     keep = np.flatnonzero(~timeouts[:-1])  # [M] indices i in 0..N-2 whose successor is in the same episode
+    ends = terminals | timeouts
+    ends[-1] = True  # the file's last episode is cut by the end of the file
+    returns, complete = discounted_returns(data["rewards"].reshape(n), terminals, ends, gamma)
     return {
         "observations": data["observations"][keep].astype(np.float32, copy=False),
         "actions": data["actions"][keep].astype(np.float32, copy=False),
         "rewards": data["rewards"].reshape(n)[keep].astype(np.float32, copy=False),
         "next_observations": data["observations"][keep + 1].astype(np.float32, copy=False),
-        "terminals": data["terminals"].reshape(n)[keep].astype(np.float32),
+        "terminals": terminals[keep].astype(np.float32),
+        "returns": returns[keep], "returns_complete": complete[keep],
     }
+
+
+MC_TAIL = 0.01  # a return cut by a truncation counts as complete once the unseen rest weighs gamma^h < 1 %
+
+
+def discounted_returns(rewards: np.ndarray, terminal: np.ndarray, end: np.ndarray, gamma: float
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows in time order; an episode ends at a row with `end`, terminated there (`terminal`: nothing follows) or
+    truncated (a time limit, the end of the data: what follows is unseen). G_i = r_i + gamma G_(i+1) within an
+    episode. Returns (G [N] float64, complete [N]): complete unless the episode was truncated h steps after row i
+    with gamma^h >= MC_TAIL, where G_i misses a part of the return that weighs too much to ignore."""
+    r, term, stop = np.asarray(rewards, np.float64).tolist(), np.asarray(terminal).tolist(), np.asarray(end).tolist()
+    returns, complete = [0.0] * len(r), [False] * len(r)
+    g, unseen, terminated = 0.0, 1.0, True
+    for i in range(len(r) - 1, -1, -1):
+        if stop[i]:
+            g, unseen, terminated = 0.0, 1.0, bool(term[i])
+        g = r[i] + gamma * g
+        unseen *= gamma  # weight of the unseen rest in G_i: gamma^(steps from i past the truncation)
+        returns[i], complete[i] = g, terminated or unseen < MC_TAIL
+    return np.array(returns), np.array(complete, bool)
 
 
 def make_env(env_id: str):
@@ -298,12 +335,20 @@ def minari_dir() -> Path:
 @dataclass
 class EvalTarget:
     """What evaluation needs: the environment, the map between its observations and actions and the data's, and the
-    reference returns of the normalised score (None: raw returns only)."""
+    reference returns of the normalised score (None: raw returns only). Plain data, so that evaluation workers
+    can be sent it and make their own environments."""
     env_id: str
-    make: object  # () -> gymnasium.Env
     score_range: tuple[float, float] | None
     obs_space: object = None  # a Dict space: its observations are flattened as in the data
     action_range: tuple[np.ndarray, np.ndarray] | None = None  # the env's (low, high) when they are not [-1, 1]
+    minari_data: str = ""  # a Minari dataset's data folder: its own evaluation environment is made from it
+
+    def make(self):
+        if self.minari_data:
+            import minari
+
+            return quietly(minari.MinariDataset(self.minari_data).recover_environment, eval_env=True)
+        return make_env(self.env_id)
 
     def observe(self, obs) -> np.ndarray:
         return flatten_obs(self.obs_space, obs)[0] if self.obs_space is not None else obs
@@ -325,7 +370,7 @@ def flatten_obs(space, obs) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def load_minari(spec: DatasetSpec, offline: bool) -> tuple[dict[str, np.ndarray], EvalTarget, list[str]]:
+def load_minari(spec: DatasetSpec, offline: bool, gamma: float = 0.99) -> tuple[dict[str, np.ndarray], EvalTarget, list[str]]:
     """The dataset from the local Minari root, downloaded through minari (under dataset_lock) when it is missing."""
     folder = spec.path
     fetch = f"`minari download {spec.name}` (it goes to {folder})"
@@ -347,8 +392,8 @@ def load_minari(spec: DatasetSpec, offline: bool) -> tuple[dict[str, np.ndarray]
         import minari
 
         dataset = minari.MinariDataset(folder / "data")
-        data = minari_transitions(dataset)
-        target = minari_eval_target(dataset)
+        data = minari_transitions(dataset, gamma)
+        target = minari_eval_target(dataset, folder / "data")
     except UserError:
         raise
     except Exception as e:  # minari and h5py raise many kinds on bad metadata or data
@@ -385,16 +430,18 @@ def quietly(make, **kwargs):
         return make(**kwargs)
 
 
-def minari_transitions(dataset) -> dict[str, np.ndarray]:
+def minari_transitions(dataset, gamma: float = 0.99) -> dict[str, np.ndarray]:
     """Episodes -> transitions. Minari stores T+1 observations for T steps, so the next state is the next
     observation of the same episode, the last step's included; done is the termination flag (a truncation only
-    ends the episode). Actions are scaled to [-1, 1] from the dataset's action space."""
+    ends the episode). Actions are scaled to [-1, 1] from the dataset's action space. Each transition also gets
+    its episode's discounted Monte-Carlo return (an episode that ends without a termination is truncated)."""
     import gymnasium
 
     obs_space, act_space = dataset.observation_space, dataset.action_space
     if not isinstance(act_space, gymnasium.spaces.Box):
         raise UserError(f"{dataset.id} has {type(act_space).__name__} actions; BEAR needs continuous (Box) actions")
-    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
+    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "returns",
+                             "returns_complete")}
     for episode in dataset.iterate_episodes():
         steps = len(episode.rewards)
         obs = flatten_obs(obs_space, episode.observations)  # [T+1, S]
@@ -406,6 +453,11 @@ def minari_transitions(dataset) -> dict[str, np.ndarray]:
         parts["actions"].append(np.asarray(episode.actions, np.float32).reshape(steps, -1))
         parts["rewards"].append(np.asarray(episode.rewards, np.float32))
         parts["terminals"].append(np.asarray(episode.terminations, np.float32))
+        end = np.zeros(steps, bool)
+        end[-1:] = True
+        returns, complete = discounted_returns(parts["rewards"][-1], parts["terminals"][-1] > 0, end, gamma)
+        parts["returns"].append(returns)
+        parts["returns_complete"].append(complete)
     if not parts["rewards"] or sum(map(len, parts["rewards"])) == 0:
         raise UserError(f"{dataset.id} holds no steps")
     data = {k: np.concatenate(v) for k, v in parts.items()}
@@ -419,7 +471,7 @@ def minari_transitions(dataset) -> dict[str, np.ndarray]:
     return data
 
 
-def minari_eval_target(dataset) -> EvalTarget:
+def minari_eval_target(dataset, folder: Path) -> EvalTarget:
     """The dataset's evaluation environment (recover_environment(eval_env=True)), made once now so that a missing
     package stops the run before training, and the reference scores from its metadata when it has them."""
     import gymnasium
@@ -436,10 +488,9 @@ def minari_eval_target(dataset) -> EvalTarget:
                         f"{hint}") from None
     metadata = dataset.storage.metadata
     lo, hi = metadata.get("ref_min_score"), metadata.get("ref_max_score")
-    return EvalTarget(env_id, lambda: quietly(dataset.recover_environment, eval_env=True),
-                      (float(lo), float(hi)) if lo is not None and hi is not None else None,
+    return EvalTarget(env_id, (float(lo), float(hi)) if lo is not None and hi is not None else None,
                       dataset.observation_space if isinstance(dataset.observation_space, gymnasium.spaces.Dict) else None,
-                      action_bounds(dataset.action_space))
+                      action_bounds(dataset.action_space), str(folder))
 
 
 def action_bounds(space) -> tuple[np.ndarray, np.ndarray] | None:
@@ -598,40 +649,9 @@ def regenerated_recipe(path: Path) -> int | None:
         return None
 
 
-@contextlib.contextmanager
 def dataset_lock(path: Path):
-    """Only one process prepares `path`: an flock on `<path>.lock` beside it. The others wait, saying so once.
-    The kernel drops an flock when its holder dies, so a killed process never leaves a lock that blocks; the
-    holder removes the lock file on its way out (a waiter that locked the removed file tries again)."""
-    import fcntl
-
-    lock = path.with_name(path.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    said = False
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not said:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                    print(f"waiting for process {holder}, which is preparing {path.name} ...", flush=True)
-                    said = True
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                break
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-        os.close(fd)
+    """Only one process prepares `path` (a download, a regeneration); the others wait for it."""
+    return file_lock(path.with_name(path.name + ".lock"), f"preparing {path.name}", wait=True)
 
 
 def find_dataset(spec: DatasetSpec, regen_steps: int = 1_000_000, offline: bool = False, regen_workers: int = 0
@@ -725,16 +745,18 @@ class LoadedData:
     kernel_env: str  # the ENVS key the kernel choice goes by ("" when none matches)
 
 
-def load_data(spec: DatasetSpec, offline: bool, regen_steps: int = 1_000_000, regen_workers: int = 0) -> LoadedData:
-    """The transitions and the evaluation target of a D4RL name or file, or of a Minari id."""
+def load_data(spec: DatasetSpec, offline: bool, regen_steps: int = 1_000_000, regen_workers: int = 0,
+              gamma: float = 0.99) -> LoadedData:
+    """The transitions (with the data's discounted returns under gamma) and the evaluation target of a D4RL name
+    or file, or of a Minari id."""
     if spec.kind == "minari":
-        data, target, notes = load_minari(spec, offline)
+        data, target, notes = load_minari(spec, offline, gamma)
         env = next((e for e in sorted(ENVS, key=len, reverse=True) if e in target.env_id.lower()), "")
         return LoadedData(data, target, spec.path, "minari", notes, env)
     arrays, path, env, source, notes = find_dataset(spec, regen_steps, offline, regen_workers)
     env_id = ENVS[env][0]
-    target = EvalTarget(env_id, lambda: make_env(env_id), ENVS[env][3:5])
-    return LoadedData(to_transitions(arrays), target, path, source, notes, env)
+    target = EvalTarget(env_id, ENVS[env][3:5])
+    return LoadedData(to_transitions(arrays, gamma), target, path, source, notes, env)
 
 
 class ReplayBuffer:
@@ -983,9 +1005,7 @@ class BEAR:
     @torch.no_grad()
     def act(self, s: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Evaluation action: of n candidates from pi, the one with the highest ensemble-mean Q. s [E, S] -> [E, A]"""
-        candidates = torch.tanh(self.actor.sample(s, self.cfg.eval_candidates, generator))  # [E, n, A]
-        best = self.critics(s, candidates).mean(0).argmax(1)  # [E]
-        return candidates[torch.arange(len(s), device=s.device), best]
+        return select_action(self.actor, self.critics, s, self.cfg.eval_candidates, generator)
 
     def modules(self) -> dict:
         return {"vae": self.vae, "actor": self.actor, "critics": self.critics, "target_critics": self.target_critics,
@@ -1015,23 +1035,47 @@ def normalized_score(ret: float, score_range: tuple[float, float] | None) -> flo
     return 100 * (ret - lo) / (hi - lo)
 
 
-class Evaluator:
-    """`episodes` environments stepped side by side; every evaluation restarts them from the same seeds, so an
-    evaluation depends only on the networks and the step (nothing to carry across a resume)."""
+def select_action(actor: "Actor", critics: "QEnsemble", s: torch.Tensor, candidates: int,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Of `candidates` actions from pi per state, the one with the highest ensemble-mean Q. s [E, S] -> [E, A]"""
+    actions = torch.tanh(actor.sample(s, candidates, generator))  # [E, n, A]
+    best = critics(s, actions).mean(0).argmax(1)  # [E]
+    return actions[torch.arange(len(s), device=s.device), best]
 
-    def __init__(self, target: EvalTarget, episodes: int, seed: int):
-        self.target = target
-        self.envs = [target.make() for _ in range(episodes)]
-        self.seeds = [10_000 + 1_000 * seed + i for i in range(episodes)]
+
+def eval_snapshot(agent: "BEAR") -> dict:
+    """What an evaluation needs, copied to the CPU: the actor's and the critics' weights (0.9 MB at the default
+    sizes). Training goes on while it is evaluated."""
+    return {name: {k: v.detach().to("cpu", copy=True) for k, v in getattr(agent, name).state_dict().items()}
+            for name in ("actor", "critics")}
+
+
+class Evaluator:
+    """Evaluates snapshots on the CPU: `eval_episodes` environments stepped side by side and restarted from the same
+    seeds every time, with their candidates scored in one forward pass per step. An evaluation depends only on the
+    snapshot, the step and the seed: nothing to carry across a resume, the same in a worker as in the training
+    process (with the same torch threads)."""
+
+    def __init__(self, target: EvalTarget, cfg: Config, state_dim: int, action_dim: int):
+        self.target, self.cfg = target, cfg
+        with torch.random.fork_rng(devices=[]):  # their initial weights are overwritten: leave training's stream be
+            self.actor = Actor(state_dim, action_dim, cfg.actor_hidden).requires_grad_(False)
+            self.critics = QEnsemble(state_dim, action_dim, cfg.critic_hidden, cfg.num_critics).requires_grad_(False)
+        self.envs = [target.make() for _ in range(cfg.eval_episodes)]
+        self.seeds = [10_000 + 1_000 * cfg.seed + i for i in range(cfg.eval_episodes)]
 
     @torch.no_grad()
-    def run(self, agent: BEAR, generator: torch.Generator) -> np.ndarray:
+    def __call__(self, snapshot: dict, step: int) -> np.ndarray:
+        self.actor.load_state_dict(snapshot["actor"])
+        self.critics.load_state_dict(snapshot["critics"])
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         obs = np.stack([self.target.observe(env.reset(seed=s)[0]) for env, s in zip(self.envs, self.seeds)])
+        obs = obs.astype(np.float32)  # [E, S]: the networks' dtype, rounded once per step as torch would
         returns, active = np.zeros(len(self.envs)), np.ones(len(self.envs), bool)
         while active.any():
             live = np.flatnonzero(active)
-            s = torch.as_tensor(obs[live], dtype=torch.float32, device=agent.device)
-            actions = agent.act(s, generator).cpu().numpy()  # all environments' candidates in one forward pass
+            actions = select_action(self.actor, self.critics, torch.from_numpy(obs[live]), self.cfg.eval_candidates,
+                                    generator).numpy()
             for i, action in zip(live, actions):
                 next_obs, reward, terminated, truncated, _ = self.envs[i].step(self.target.to_env(action))
                 obs[i] = self.target.observe(next_obs)
@@ -1040,13 +1084,223 @@ class Evaluator:
         return returns
 
 
+# ---------------------------------------------------------------------------------------------- evaluation pool
+# Evaluation off the critical path: at an evaluation step the training loop hands eval_snapshot() to a pool of
+# worker processes and trains on. Each worker is this file run by a fresh interpreter (safe to start after CUDA,
+# unlike fork) that keeps its Evaluator for the whole run. Results are used in step order (the training loop keeps
+# later rows until an earlier evaluation is back). With --eval-workers=0 the same Evaluator runs in the training
+# process, synchronously.
+EVAL_WORKER_BOOT = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('bear_train_eval', "
+                    "sys.argv[1]); module = importlib.util.module_from_spec(spec); sys.modules[spec.name] = module; "
+                    "spec.loader.exec_module(module); module.eval_worker(*map(int, sys.argv[2:]))")
+PENDING_PER_WORKER = 2  # evaluations outstanding per worker (one running, one queued) before training waits
+
+
+def eval_worker(jobs_fd: int, results_fd: int, parent: int) -> None:
+    """Body of a worker process: its Evaluator is built once from the first message; then every (step, snapshot)
+    is answered with (step, returns, error text). Ends when the training process closes the pipe or dies."""
+    import traceback
+    from multiprocessing.connection import Connection
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C reaches the whole group: the training process stops us
+        signal.signal(sig, signal.SIG_IGN)
+    with contextlib.suppress(Exception):  # Linux: killed with the training process, however that one ends
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        return
+    jobs, results = Connection(jobs_fd, writable=False), Connection(results_fd, readable=False)
+    target, cfg, dims, threads = pickle.loads(jobs.recv_bytes())  # plain dicts: the classes pickle under the parent's module name
+    torch.set_num_threads(threads)
+    try:
+        evaluator, error = Evaluator(EvalTarget(**target), Config(**cfg), *dims), ""
+    except Exception:
+        evaluator, error = None, traceback.format_exc()
+    results.send_bytes(pickle.dumps(("ready",)))
+    while True:
+        try:
+            step, snapshot = pickle.loads(jobs.recv_bytes())
+        except EOFError:
+            return
+        try:
+            message = (step, evaluator(snapshot, step), "") if evaluator else (step, None, error)
+        except Exception:
+            message = (step, None, traceback.format_exc())
+        results.send_bytes(pickle.dumps(message))
+
+
+class EvalFailed(Exception):
+    pass
+
+
+@dataclass
+class EvalWorker:
+    proc: object  # subprocess.Popen
+    jobs: object  # multiprocessing.connection.Connection, to the worker
+    results: object  # and from it
+    ready: bool = False
+    job: tuple | None = None  # (step, snapshot) it is evaluating
+
+
+class EvalPool:
+    """`workers` evaluation processes (0: evaluate in this process, synchronously). submit() hands over a snapshot
+    and returns at once, unless PENDING_PER_WORKER * workers evaluations are outstanding: then training waits (the
+    time is counted in `waited`). A worker that dies or raises is replaced and its evaluation retried once; a
+    second failure raises EvalFailed."""
+
+    def __init__(self, workers: int, setup: tuple, log: Path):
+        self.setup, self.log, self.n = setup, log, workers
+        self.inline = Evaluator(*setup[:2], *setup[2]) if workers == 0 else None
+        self.workers = [self._start() for _ in range(workers)]
+        self.queue, self.done, self.attempts, self.waited = [], {}, {}, 0.0
+
+    def _start(self) -> EvalWorker:
+        import subprocess
+        from multiprocessing.connection import Connection
+
+        jobs_r, jobs_w = os.pipe()
+        results_r, results_w = os.pipe()
+        with open(self.log, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-c", EVAL_WORKER_BOOT, str(Path(__file__).resolve()), str(jobs_r),
+                                     str(results_w), str(os.getpid())], pass_fds=(jobs_r, results_w),
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        os.close(jobs_r)
+        os.close(results_w)
+        worker = EvalWorker(proc, Connection(jobs_w, readable=False), Connection(results_r, writable=False))
+        target, cfg, dims, threads = self.setup
+        worker.jobs.send_bytes(pickle.dumps((dataclasses.asdict(target), dataclasses.asdict(cfg), dims, threads)))
+        return worker
+
+    def pending(self) -> int:
+        return len(self.queue) + sum(w.job is not None for w in self.workers)
+
+    def submit(self, step: int, snapshot: dict, stop: list) -> None:
+        t = time.time()
+        if self.inline:
+            self.done[step] = self.inline(snapshot, step)
+        else:
+            self.queue.append((step, snapshot))
+            self.poll(0)
+            while self.pending() > PENDING_PER_WORKER * self.n and not stop:
+                self.poll(0.2)
+        self.waited += time.time() - t
+
+    def result(self, step: int, wait: bool = False, stop: list = ()) -> np.ndarray | None:
+        """The returns of step's evaluation once it is back (popped), else None; wait=True waits for it."""
+        t = time.time()
+        while step not in self.done and wait and not stop:
+            self.poll(0.2)
+        self.waited += time.time() - t if wait else 0.0
+        return self.done.pop(step, None)
+
+    def poll(self, timeout: float) -> None:
+        """Collects what the workers have sent (waiting up to `timeout` for something), and hands queued snapshots
+        to idle workers."""
+        from multiprocessing.connection import wait
+
+        for worker in self.workers:
+            if worker.ready and worker.job is None and self.queue:
+                worker.job = self.queue.pop(0)
+                try:
+                    worker.jobs.send_bytes(pickle.dumps(worker.job))
+                except OSError:  # it died: its results pipe says so below
+                    pass
+        if not self.workers:
+            return
+        for conn in wait([w.results for w in self.workers], timeout):
+            worker = next(w for w in self.workers if w.results is conn)
+            try:
+                message = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                worker.proc.wait()
+                self._failed(worker, f"exit code {worker.proc.returncode}")
+                continue
+            if message == ("ready",):
+                worker.ready = True
+            elif message[2]:
+                worker.proc.kill()
+                worker.proc.wait()
+                self._failed(worker, message[2].strip().splitlines()[-1])
+            else:
+                self.done[message[0]] = message[1]
+                worker.job = None
+        if any(w.ready and w.job is None for w in self.workers) and self.queue:
+            self.poll(0)
+
+    def _failed(self, worker: EvalWorker, why: str) -> None:
+        worker.jobs.close()
+        worker.results.close()
+        self.workers.remove(worker)
+        step = worker.job[0] if worker.job else None
+        self.attempts[step] = self.attempts.get(step, 0) + 1
+        where = f"step {step}" if step is not None else "start-up"
+        if self.attempts[step] > 1:
+            raise EvalFailed(f"the evaluation of {where} failed twice ({why}; the workers' output is in {self.log})")
+        warn(f"an evaluation worker failed at {where} ({why}); retrying it once in a fresh worker")
+        if worker.job:
+            self.queue.insert(0, worker.job)
+        self.workers.append(self._start())
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.jobs.close()
+            worker.results.close()
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+            worker.proc.wait()
+        self.workers = []
+
+
+def eval_workers(cfg: Config, device: torch.device) -> int:
+    """--eval-workers, or by default the cores this process may use minus what training uses (its torch threads on
+    the CPU, one core on a GPU), at least 1."""
+    if cfg.eval_workers >= 0:
+        return cfg.eval_workers
+    return max(1, usable_cpus() - (torch.get_num_threads() if device.type == "cpu" else 1))
+
+
+# ---------------------------------------------------------------------------------------------- Q against the data
+# The bootstrapping error BEAR is named after, seen while a run goes: the critics' Q on a fixed probe set of the
+# data's own (s, a) pairs against those pairs' discounted Monte-Carlo return in the data. The probe is drawn once
+# from the pairs whose return is complete (discounted_returns), with its own fixed seed: the same in every run on a
+# dataset, at every row and across a resume.
+PROBE_SEED = 0
+PROBE_FIELDS = ["q_data", "q_data_min", "q_data_max", "return_data", "q_gap", "q_ratio"]
+
+
+def probe_rows(complete: np.ndarray, size: int) -> np.ndarray:
+    rows = np.flatnonzero(complete)
+    if len(rows) > size:
+        rows = np.sort(np.random.default_rng(PROBE_SEED).choice(rows, size, replace=False))
+    return rows
+
+
+def q_bound(rewards: np.ndarray, gamma: float) -> float | None:
+    """The largest Q any policy can have on data whose rewards are at most r_max: r_max / (1 - gamma) (r_max itself
+    when it is negative: then ending at once is best). None for gamma = 1."""
+    r_max = float(rewards.max())
+    return r_max if r_max < 0 else r_max / (1 - gamma) if gamma < 1 else None
+
+
+@torch.no_grad()
+def q_vs_return(critics: nn.Module, s: torch.Tensor, a: torch.Tensor, data_return: float) -> dict:
+    """Critics on the probe pairs: the ensemble's mean Q, and the means of its min and max, against the pairs' mean
+    Monte-Carlo return; the gap, and the ratio."""
+    q = critics(s, a)  # [K, P]
+    q_mean, q_min, q_max = torch.stack([q.mean(), q.min(0).values.mean(), q.max(0).values.mean()]).tolist()
+    return {"q_data": q_mean, "q_data_min": q_min, "q_data_max": q_max, "return_data": data_return,
+            "q_gap": q_mean - data_return} | ({"q_ratio": q_mean / data_return} if data_return else {})
+
+
 # ============================================================================================== run bookkeeping
 def warn(message: str, loud: bool = False) -> None:
-    if loud:
-        bar = "!" * 100
-        print(f"{bar}\n!!! WARNING: {message}\n{bar}", file=sys.stderr, flush=True)
+    bar = "!" * 100
+    text = f"{bar}\n!!! WARNING: {message}\n{bar}" if loud else f"WARNING: {message}"
+    if "tqdm" in sys.modules:  # on its own line, not in a progress bar's
+        sys.modules["tqdm"].tqdm.write(text, file=sys.stderr)
     else:
-        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+        print(text, file=sys.stderr, flush=True)
 
 
 def new_file_mode() -> int:
@@ -1113,13 +1367,60 @@ def on_signals(action):
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def file_lock(lock: Path, doing: str, wait: bool):
+    """The one lock helper: an flock on the file `lock`, which names its holder's process (and host). wait=True
+    waits for the holder, saying so once; wait=False raises Busy naming it. The kernel drops an flock when its
+    holder dies, so a killed process never leaves a lock that blocks; the holder removes the file on its way out,
+    while it still holds it (a waiter that then locks the removed file tries again)."""
+    import fcntl
+    import socket
+
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    said = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid, _, host = os.pread(fd, 300, 0).decode(errors="replace").strip().partition("\n")
+                holder = f"process {pid or '?'}" + (f" on {host}" if host and host != socket.gethostname() else "")
+                if not wait:
+                    raise Busy(holder, doing) from None
+                if not said:
+                    print(f"waiting for {holder}, which is {doing} ...", flush=True)
+                    said = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n{socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+class Busy(UserError):
+    def __init__(self, holder: str, doing: str):
+        super().__init__(f"{holder} is {doing}")
+        self.holder = holder
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
 
 
-CSV_FIELDS = ["step"] + METRICS + ["eval_return", "eval_normalized_score"]
+CSV_FIELDS = ["step"] + METRICS + PROBE_FIELDS + ["eval_return", "eval_normalized_score"]
 RESUMABLE = {"max_steps", "resume", "compile", "gpu", "wandb", "log_dir", "summarize", "offline", "regen_workers",
-             "threads", "ray_address", "cpus_per_run", "gpus_per_run", "max_retries"}  # may change on --resume
+             "threads", "eval_workers", "eval_threads", "checkpoint_every", "ray_address", "cpus_per_run", "gpus_per_run",
+             "max_retries"}  # may change on --resume
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -1134,35 +1435,66 @@ def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
     return path
 
 
-def plot_curves(rows: list[dict], path: Path, title: str) -> None:
-    """Learning curves of one run: normalised score, alpha, mean MMD and critic loss against steps."""
+def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+
+
+def plot_q_vs_return(ax, steps, q, band, data_return: float | None, bound: float | None) -> None:
+    """Q on the data's own pairs against the data's Monte-Carlo return of those pairs and the bound r_max/(1-gamma)."""
+    if len(steps):
+        ax.plot(steps, q, label="critics' Q on the data")
+        ax.fill_between(steps, *band, alpha=0.25)
+    if data_return is not None:
+        ax.axhline(data_return, color="tab:green", label="data's MC return")
+    if bound is not None:
+        ax.axhline(bound, color="tab:red", linestyle="--", label="r_max / (1 - gamma)")
+    ax.set_title("Q against the data's return")
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def plot_curves(rows: list[dict], path: Path, title: str, bound: float | None = None) -> None:
+    """Learning curves of one run: normalised score, alpha, mean MMD, critic loss, and the critics' Q on the data
+    (the ensemble's mean, its min-max band) against the data's return, against steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    fig, axes = plt.subplots(1, 5, figsize=(22, 3.6))
     panels = [("eval_normalized_score", "normalised score"), ("alpha", "alpha"), ("mmd", "mean MMD"),
               ("critic_loss", "critic loss")]
     for ax, (key, label) in zip(axes, panels):
-        points = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
-        if points:
+        if points := series(rows, key):
             ax.plot(*zip(*points), marker="o" if key.startswith("eval") else None, markersize=3)
         ax.set_title(label)
+    axes[1].set_yscale("log")
+    q = series(rows, "q_data")
+    band = [[v for _, v in series(rows, k)] for k in ("q_data_min", "q_data_max")]
+    data_return = series(rows, "return_data")
+    plot_q_vs_return(axes[4], [t for t, _ in q], [v for _, v in q], band, data_return[0][1] if data_return else None,
+                     bound)
+    for ax in axes:
         ax.set_xlabel("gradient steps")
         ax.grid(alpha=0.3)
-    axes[1].set_yscale("log")
     fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
     plt.close(fig)
 
 
+def tag_group(key: str) -> str:
+    return "losses" if key in LOSSES else "eval" if key.startswith("eval") else \
+        "charts/q_vs_return" if key in PROBE_FIELDS else "charts"
+
+
+PLOT_EVERY = 60  # seconds: curves.png is redrawn at an evaluation at most this often (about 1 s a time), and at the end
+
+
 class Logger:
     """metrics.csv (the record), TensorBoard events, the curves PNG and optional Weights & Biases."""
 
-    def __init__(self, run_dir: Path, cfg: Config, csv_offset: int | None, title: str):
-        self.run_dir, self.title = run_dir, title
+    def __init__(self, run_dir: Path, cfg: Config, csv_offset: int | None, title: str, q_bound: float | None = None):
+        self.run_dir, self.title, self.q_bound, self.plotted = run_dir, title, q_bound, 0.0
         path = run_dir / "metrics.csv"
         if csv_offset is None:
             path.write_text(",".join(CSV_FIELDS) + "\n")
@@ -1197,8 +1529,7 @@ class Logger:
     def write(self, step: int, values: dict, steps_per_second: float) -> None:
         self.csv.write(",".join(f"{values[k]:.9g}" if k in values else "" for k in CSV_FIELDS) + "\n")
         self.csv.flush()
-        scalars = {f"{'losses' if k in LOSSES else 'eval' if k.startswith('eval') else 'charts'}/{k}": v
-                   for k, v in values.items() if k != "step"}
+        scalars = {f"{tag_group(k)}/{k}": v for k, v in values.items() if k != "step"}
         scalars["charts/steps_per_second"] = steps_per_second
         if self.tb:
             for k, v in scalars.items():
@@ -1208,13 +1539,19 @@ class Logger:
         if "eval_return" in values:
             if self.tb:
                 self.tb.flush()
-            plot_curves(self.rows(), self.run_dir / "curves.png", self.title)
+            if time.time() - self.plotted > PLOT_EVERY:
+                self.plot()
+
+    def plot(self) -> None:
+        plot_curves(self.rows(), self.run_dir / "curves.png", self.title, self.q_bound)
+        self.plotted = time.time()
 
     def offset(self) -> int:
         return self.csv.tell()
 
     def close(self) -> None:
         self.csv.close()
+        self.plot()
         if self.tb:
             self.tb.close()
         if self.wandb:
@@ -1242,15 +1579,16 @@ def summarize(root: Path, run_dirs: list[Path] | None = None) -> str:
         results_path = run_dir / "results.json"
         with open(run_dir / "metrics.csv", newline="") as f:
             rows = list(csv.DictReader(f))
-        evals = [(int(r["step"]), float(r["eval_normalized_score"])) for r in rows if r["eval_normalized_score"]]
+        evals = series(rows, "eval_normalized_score")
         raw = not evals  # a dataset without reference scores: raw returns
-        evals = evals or [(int(r["step"]), float(r["eval_return"])) for r in rows if r["eval_return"]]
+        evals = evals or series(rows, "eval_return")
         if not evals:
             continue
         finished = results_path.exists()
         runs.setdefault(config.get("dataset_name", config["dataset"]), []).append(
             {"seed": config["seed"], "evals": evals, "finished": finished, "source": config.get("dataset_source", "?"),
-             "raw": raw})
+             "raw": raw, "q": series(rows, "q_data"), "return_data": config.get("probe_return"),
+             "q_bound": config.get("q_bound")})
     if not runs:
         raise UserError(f"no runs with an evaluation under {root}; point --summarize at a --log-dir")
     lines = ["| dataset | seeds | steps | final normalised score | best normalised score | notes |", "|---|---|---|---|---|---|"]
@@ -1281,14 +1619,21 @@ def plot_seed_curves(dataset: str, group: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    common = sorted(set.intersection(*[{s for s, _ in r["evals"]} for r in group]))
-    scores = np.array([[dict(r["evals"])[s] for s in common] for r in group])  # [seeds, evals]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    mean, std = scores.mean(0), scores.std(0)
+    def mean_std(key):  # [seeds, steps] at the steps every seed has -> steps, mean, std over seeds
+        common = sorted(set.intersection(*[{s for s, _ in r[key]} for r in group]))
+        values = np.array([[dict(r[key])[s] for s in common] for r in group]).reshape(len(group), len(common))
+        return common, values.mean(0), values.std(0)
+
+    fig, (ax, ax_q) = plt.subplots(1, 2, figsize=(12, 4))
+    common, mean, std = mean_std("evals")
     ax.plot(common, mean, marker="o", markersize=3)
     ax.fill_between(common, mean - std, mean + std, alpha=0.3)
     ax.set(title=f"BEAR {dataset}: mean ± std over {len(group)} seeds", xlabel="gradient steps", ylabel="normalised score")
-    ax.grid(alpha=0.3)
+    common, mean, std = mean_std("q")
+    plot_q_vs_return(ax_q, common, mean, (mean - std, mean + std), group[0]["return_data"], group[0]["q_bound"])
+    ax_q.set(title="Q on the data (mean ± std over seeds) against its return", xlabel="gradient steps")
+    for a in (ax, ax_q):
+        a.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
     plt.close(fig)
@@ -1300,7 +1645,7 @@ def plot_seed_curves(dataset: str, group: list[dict], path: Path) -> None:
 # node died (they continue from their newest checkpoint with --resume), shows one progress bar and ends with the
 # --summarize table of the sweep's runs. Ray is imported only here.
 SWEEP_ONLY = ("ray_address", "cpus_per_run", "gpus_per_run", "max_retries")
-NOT_RETRIED = {EXIT_BAD_INPUT: "bad input", EXIT_DIVERGED: "diverged"}
+NOT_RETRIED = {EXIT_BAD_INPUT: "bad input", EXIT_DIVERGED: "diverged"}  # EXIT_CRASHED: retried once
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -1324,10 +1669,23 @@ def parse_datasets(text: str) -> list[str]:
     return names
 
 
-def run_command(cfg: Config, gpu: int, threads: int) -> list[str]:
+def run_cpus(cfg: Config, gpus: float) -> tuple[int, int]:
+    """(torch threads, evaluation workers) of one run: together the --cpus-per-run cores that Ray reserves for it.
+    By default a CPU run trains on all but one of them and evaluates on that one, a GPU run trains on one and
+    evaluates on the others; with --cpus-per-run=1 the run evaluates in its training process."""
+    cpus = max(1, int(cfg.cpus_per_run))
+    workers = cfg.eval_workers if cfg.eval_workers >= 0 else 0 if cpus == 1 else cpus - 1 if gpus > 0 else 1
+    if workers and workers >= cpus:
+        raise UserError(f"--cpus-per-run={cfg.cpus_per_run} cannot hold a training thread and {workers} evaluation "
+                        f"worker(s); raise --cpus-per-run to {workers + 1} or more, or lower --eval-workers")
+    return cpus - workers, workers
+
+
+def run_command(cfg: Config, gpu: int, threads: int, eval_workers: int) -> list[str]:
     """This script's flags for one run of a sweep: every setting, --resume so that a retried or restarted run
     continues from its checkpoint, --offline because the driver has already fetched the data."""
-    values = dataclasses.asdict(cfg) | {"resume": True, "offline": True, "gpu": gpu, "threads": threads}
+    values = dataclasses.asdict(cfg) | {"resume": True, "offline": True, "gpu": gpu, "threads": threads,
+                                        "eval_workers": eval_workers}
     args = []
     for name, value in values.items():
         if name not in SWEEP_ONLY and name != "summarize":
@@ -1377,6 +1735,7 @@ class SweepRun:
     state: str = "waiting"  # waiting, running (or queued by Ray), done, failed
     reason: str = ""
     log_size: int = 0  # the log's size when the current attempt was submitted
+    crashes: int = 0  # attempts that ended with EXIT_CRASHED
 
 
 def sweep(cfgs: list[Config]) -> int:
@@ -1389,7 +1748,20 @@ def sweep(cfgs: list[Config]) -> int:
         raise UserError(f"--cpus-per-run={head.cpus_per_run} must be above 0")
     if head.max_retries < 0:
         raise UserError(f"--max-retries={head.max_retries} must be 0 or more")
+    run_cpus(head, 0)  # --eval-workers must fit in --cpus-per-run
     log_dir = check_log_dir(head.log_dir).absolute()
+    try:
+        with file_lock(log_dir / ".sweep.lock", f"running a sweep in {log_dir}", wait=False):
+            return _sweep(cfgs, head, log_dir)
+    except Busy as e:
+        raise UserError(f"--log-dir={log_dir} is in use: {e}; wait for that sweep to end (the same command then "
+                        "continues what is unfinished)") from None
+    except Exception as e:
+        e.crash_folder = log_dir
+        raise
+
+
+def _sweep(cfgs: list[Config], head: Config, log_dir: Path) -> int:
     runs, failed_early = [], []
     for dataset in dict.fromkeys(c.dataset for c in cfgs):  # each dataset found or fetched once, by the driver
         group = [c for c in cfgs if c.dataset == dataset]
@@ -1442,6 +1814,7 @@ def _sweep_on_ray(head: Config, runs: list[SweepRun], log_dir: Path, stop: list,
               "start or connect)", flush=True)
         gpus = head.gpus_per_run if head.gpus_per_run >= 0 else float(resources.get("GPU", 0) > 0 and head.gpu >= 0)
         task = ray.remote(num_cpus=head.cpus_per_run, num_gpus=gpus, max_retries=0)(_run_in_task)
+        cpus = run_cpus(head, gpus)
         script = str(Path(__file__).resolve())
         # the runs read the data where the driver prepared it, whatever the environment of the Ray workers says
         caches = {"D4RL_DATASET_DIR": str(d4rl_dir().absolute()), "MINARI_DATASETS_PATH": str(minari_dir().absolute())}
@@ -1450,7 +1823,7 @@ def _sweep_on_ray(head: Config, runs: list[SweepRun], log_dir: Path, stop: list,
         def submit(run: SweepRun) -> None:
             run.attempts += 1
             run.log_size = run.log.stat().st_size if run.log.exists() else 0  # the task's first line says it started
-            args = run_command(run.cfg, 0 if gpus > 0 else -1, max(1, int(head.cpus_per_run)))
+            args = run_command(run.cfg, 0 if gpus > 0 else -1, *cpus)
             run.ref, run.state = task.remote(script, args, str(run.log), caches), "running"
 
         for run in runs:
@@ -1492,9 +1865,13 @@ def _finish(run: SweepRun, ray, max_retries: int, submit) -> None:
         results = json.loads((run.folder / "results.json").read_text())
         tqdm_write(f"finished {run.folder.name}: final {results['final_normalized_score']:.1f}, "
                    f"best {results['best_normalized_score']:.1f} ({results['wall_clock_seconds']:.0f} s)")
-    elif code in NOT_RETRIED:
-        run.state, run.reason = "failed", f"{NOT_RETRIED[code]}: {last}"
+    elif code in NOT_RETRIED or (code == EXIT_CRASHED and run.crashes):
+        run.state, run.reason = "failed", f"{NOT_RETRIED.get(code, 'crashed twice')}: {last}"
         tqdm_write(f"failed {run.folder.name} ({run.reason}); not retried")
+    elif code == EXIT_CRASHED:
+        run.crashes += 1
+        tqdm_write(f"{run.folder.name} crashed ({last}); retrying it once from its newest checkpoint")
+        submit(run)
     elif run.attempts <= max_retries:
         tqdm_write(f"{run.folder.name} ended with {_describe(code, last)}; retry {run.attempts} of "
                    f"{max_retries} from its newest checkpoint")
@@ -1540,13 +1917,17 @@ def _started(run: SweepRun) -> bool:
 # ============================================================================================== main
 def validate(cfg: Config) -> None:
     for name in ("max_steps", "batch_size", "num_critics", "num_target_samples", "mmd_samples", "eval_every",
-                 "eval_episodes", "eval_candidates", "log_every", "actor_hidden", "critic_hidden", "vae_hidden"):
+                 "eval_episodes", "eval_candidates", "eval_threads", "log_every", "checkpoint_every", "actor_hidden",
+                 "critic_hidden", "vae_hidden"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be a positive whole number")
-    if cfg.warmup_steps < 0:
-        raise UserError(f"--warmup-steps={cfg.warmup_steps} must be 0 or more")
+    for name in ("warmup_steps", "probe_size"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be 0 or more")
     if cfg.regen_steps < 2:
         raise UserError(f"--regen-steps={cfg.regen_steps} must be at least 2")
+    if cfg.eval_workers < -1:
+        raise UserError(f"--eval-workers={cfg.eval_workers} must be 0 (in the training process), more, or -1 (auto)")
     if cfg.regen_workers < 0:
         raise UserError(f"--regen-workers={cfg.regen_workers} must be 0 (every usable core) or more")
     for f in dataclasses.fields(cfg):
@@ -1576,6 +1957,9 @@ def validate(cfg: Config) -> None:
 
 
 def pick_device(gpu: int) -> torch.device:
+    """The training device, made torch's current CUDA device: whatever uses the current device (stream queries, the
+    optimisers' checks, a stray .cuda()) then stays on it instead of opening a context on GPU 0. Called after the
+    data are prepared: regeneration forks its workers before CUDA is first touched."""
     if gpu < 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -1584,7 +1968,9 @@ def pick_device(gpu: int) -> torch.device:
     if gpu >= torch.cuda.device_count():
         raise UserError(f"--gpu={gpu} but this machine has {torch.cuda.device_count()} CUDA device(s); use 0.."
                         f"{torch.cuda.device_count() - 1}, or -1 for the CPU")
-    return torch.device(f"cuda:{gpu}")
+    device = torch.device("cuda", gpu)
+    torch.cuda.set_device(device)
+    return device
 
 
 def check_log_dir(folder: str) -> Path:
@@ -1603,6 +1989,34 @@ def run_folder_name(dataset_name: str, seed: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', dataset_name)}__seed{seed}"
 
 
+@contextlib.contextmanager
+def claimed(run_dir: Path, resuming: bool):
+    """The run's folder, held (file_lock) for the run's whole life. A new run makes its folder atomically, moving to
+    the next free name (...-2, -3) when another run took it first; a resumed run stops (exit 2) while another
+    process trains the same folder (a retry or a requeue while the first still lives). A new run that fails
+    before it wrote anything leaves no empty folder."""
+    base, i = run_dir, 1
+    while not resuming:
+        try:
+            run_dir.mkdir(parents=True)
+            break
+        except FileExistsError:
+            i += 1
+            run_dir = base.with_name(f"{base.name}-{i}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with file_lock(run_dir / ".lock", f"training {run_dir}", wait=False):
+            yield run_dir
+    except Busy as e:
+        raise UserError(f"{run_dir} is in use: {e}; wait for it to end, or stop it first") from None
+    except Exception as e:
+        e.crash_folder = run_dir  # main writes the traceback there
+        raise
+    finally:
+        if not resuming and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+
+
 def prepare_run_dir(cfg: Config, dataset_name: str) -> tuple[Path, bool]:
     """(run folder, whether it resumes). Checks the log folder before anything is written."""
     log_dir = check_log_dir(cfg.log_dir)
@@ -1615,137 +2029,257 @@ def prepare_run_dir(cfg: Config, dataset_name: str) -> tuple[Path, bool]:
             raise UserError(f"--resume: {base} was started with --{k.replace('_', '-')}={saved.get(k)}, not {getattr(cfg, k)}; "
                             "resume with the run's own settings")
         return base, True
-    run_dir, i = base, 1
-    while run_dir.exists():  # never overwrite another run
-        i += 1
-        run_dir = base.with_name(f"{base.name}-{i}")
-    return run_dir, False
+    return base, False  # claimed() moves it to the next free name: never overwrite another run
 
 
-def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+def rng_states(device: torch.device) -> dict:
+    """Python's, numpy's and torch's CPU random states, and the training device's CUDA state (only its own: a
+    resume may see other GPUs, or fewer)."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+              "device_type": device.type}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def set_rng_states(states: dict) -> None:
+def set_rng_states(states: dict, device: torch.device) -> bool:
+    """Restores what rng_states saved; the CUDA state goes into the training device. False when the run was saved
+    on another device type: its draws came from another generator, and the caller restarts the streams."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states.get("device_type", "cpu") != device.type:
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+    return True
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Onto the CPU, whatever the training device: each piece then goes where it belongs (load_state_dict copies
+    into the device's tensors; random states must stay CPU byte tensors)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def train(cfg: Config) -> dict:
     validate(cfg)
     spec = resolve_dataset(cfg.dataset, cfg.env)
     run_dir, resuming = prepare_run_dir(cfg, spec.name)
-    device = pick_device(cfg.gpu)
     t_load = time.time()
-    loaded = load_data(spec, is_offline(cfg), cfg.regen_steps, cfg.regen_workers)
-    data, target, path, source, notes = loaded.transitions, loaded.target, loaded.file, loaded.source, loaded.notes
-    env_id = target.env_id
-    print(f"{spec.name if source == 'minari' else path.name}: {len(data['observations'])} transitions, {int(data['terminals'].sum())} terminal "
-          f"({source}); found and loaded in {time.time() - t_load:.1f} s; device {device}", flush=True)
+    loaded = load_data(spec, is_offline(cfg), cfg.regen_steps, cfg.regen_workers, cfg.gamma)
+    device = pick_device(cfg.gpu)  # after the data: no CUDA before regeneration forks its workers
+    with claimed(run_dir, resuming) as run_dir, Run(cfg, spec, loaded, device, run_dir, resuming, t_load) as run:
+        agent, buffer = run.agent, run.buffer
+        for step in range(run.start + 1, cfg.max_steps + 1):
+            agent.update(buffer.sample(cfg.batch_size), step <= cfg.warmup_steps)
+            if step % cfg.log_every == 0 or run.is_eval(step):
+                run.log(step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                run.keep_checkpoint(step)
+            run.flush()
+            if run.stop:
+                run.stop_at(step)
+            run.progress(step)
+        return run.results()
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    buffer = ReplayBuffer(data, device)
-    del data
-    kernel = cfg.kernel if cfg.kernel != "auto" else "gaussian" if loaded.kernel_env == "halfcheetah" else "laplacian"
-    agent = BEAR(cfg, buffer.obs.shape[1], buffer.act.shape[1], kernel, device)
-    evaluator = Evaluator(target, cfg.eval_episodes, cfg.seed)
 
-    state = {"evals": [], "elapsed": 0.0, "train_seconds": 0.0, "trained_steps": 0, "last_log": 0, "csv_offset": None}
-    ckpts = checkpoints(run_dir) if resuming else []
-    if ckpts:
-        saved = torch.load(ckpts[-1], map_location=device, weights_only=False)
-        agent.load_state_dict(saved["agent"])
-        set_rng_states(saved["rng"])
-        state = saved["state"]
-        print(f"resuming {run_dir} from {ckpts[-1].name} (step {saved['step']})", flush=True)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=resuming)
-        write_json(run_dir / "config.json", dataclasses.asdict(cfg) | {
-            "dataset_name": spec.name, "env_id": env_id, "kernel_used": kernel, "dataset_file": str(path), "dataset_source": source,
-            "dataset_notes": notes, "device": str(device)})
-    logger = Logger(run_dir, cfg, state["csv_offset"], f"BEAR {spec.name} seed {cfg.seed}")
+class Run:
+    """One run around the training loop: its data on the device, the agent, the log, the evaluation pool and the
+    bookkeeping, from a fresh start or from the newest checkpoint. Rows wait in `queue`, in step order, until their
+    evaluation is back; a checkpoint of step t (the training state as it was at t, kept in memory) waits until the
+    rows up to t are written, so that it never claims an evaluation it does not hold."""
 
-    stop = []  # a signal is noted here and the loop stops at the end of its step
-    start = saved["step"] if ckpts else 0
-    t_start, t_interval, elapsed_before = time.time(), time.time(), state["elapsed"]
+    def __init__(self, cfg: Config, spec: DatasetSpec, loaded: LoadedData, device: torch.device, run_dir: Path,
+                 resuming: bool, t_load: float):
+        self.cfg, self.device, self.run_dir, self.loaded, self.dataset_name = cfg, device, run_dir, loaded, spec.name
+        data, self.target = loaded.transitions, loaded.target
+        name = spec.name if loaded.source == "minari" else loaded.file.name
+        print(f"{name}: {len(data['observations'])} transitions, {int(data['terminals'].sum())} terminal "
+              f"({loaded.source}); found and loaded in {time.time() - t_load:.1f} s; device {device}", flush=True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        probe = probe_rows(data["returns_complete"], cfg.probe_size)
+        self.probe_return = float(data["returns"][probe].mean()) if len(probe) else None
+        self.q_bound = q_bound(data["rewards"], cfg.gamma)
+        self.buffer = ReplayBuffer(data, device)
+        self.probe = [x[torch.as_tensor(probe, device=device)] for x in (self.buffer.obs, self.buffer.act)]
+        dims = self.buffer.obs.shape[1], self.buffer.act.shape[1]
+        kernel = cfg.kernel if cfg.kernel != "auto" else "gaussian" if loaded.kernel_env == "halfcheetah" else "laplacian"
+        self.agent = BEAR(cfg, *dims, kernel, device)
+        self.state = {"evals": [], "elapsed": 0.0, "train_seconds": 0.0, "trained_steps": 0, "last_log": 0,
+                      "csv_offset": None, "eval_wait_seconds": 0.0, "rng_restarts": []}
+        self.queue, self.stop, self.start = [], [], 0
+        ckpts = checkpoints(run_dir) if resuming else []
+        if ckpts:
+            self.resume(ckpts[-1])
+        else:
+            write_json(run_dir / "config.json", dataclasses.asdict(cfg) | {
+                "dataset_name": spec.name, "env_id": self.target.env_id, "kernel_used": kernel,
+                "dataset_file": str(loaded.file), "dataset_source": loaded.source, "dataset_notes": loaded.notes,
+                "device": str(device), "probe_pairs": len(probe), "probe_return": self.probe_return,
+                "q_bound": self.q_bound})
+        self.logger = Logger(run_dir, cfg, self.state["csv_offset"], f"BEAR {spec.name} seed {cfg.seed}", self.q_bound)
+        workers = eval_workers(cfg, device)
+        print(f"evaluation: {f'{workers} worker process(es), {cfg.eval_threads} thread(s) each' if workers else 'in the training process'}"
+              f" ({usable_cpus()} usable cores, training on {device} with {torch.get_num_threads()} thread(s))", flush=True)
+        self.pool = EvalPool(workers, (self.target, cfg, dims, cfg.eval_threads), run_dir / "eval-workers.log")
+        for item in self.queue:  # evaluations a signal interrupted: done again, from their snapshots
+            if "snapshot" in item:
+                self.pool.submit(item["step"], item["snapshot"], self.stop)
+        from tqdm import tqdm
 
-    def checkpoint(step: int) -> None:
-        state["csv_offset"], state["elapsed"] = logger.offset(), elapsed_before + time.time() - t_start
-        save_checkpoint(run_dir, {"step": step, "agent": agent.state_dict(), "rng": rng_states(), "state": state,
-                                  "config": dataclasses.asdict(cfg)})
+        self.tqdm = tqdm
+        self.bar = tqdm(total=cfg.max_steps, initial=self.start, unit="step", dynamic_ncols=True,
+                        mininterval=1 if sys.stderr.isatty() else 30)
+        self.t_start = self.t_interval = time.time()
+        self.elapsed_before = self.state["elapsed"]
 
-    from tqdm import tqdm
+    def resume(self, path: Path) -> None:
+        saved = load_checkpoint(path)
+        self.agent.load_state_dict(saved["agent"])
+        self.state = saved["state"]
+        self.queue = self.state.pop("pending", [])
+        self.start = saved["step"]
+        if not set_rng_states(saved["rng"], self.device):
+            saved_on = saved["rng"].get("device_type", "cpu")
+            warn(f"{path.name} was saved on {saved_on}, this run resumes on {self.device}: the random streams "
+                 "restart here, so the run is no longer bitwise reproducible (results.json records it)")
+            torch.manual_seed(int(np.random.SeedSequence([self.cfg.seed, self.start]).generate_state(1)[0]))
+            self.state["rng_restarts"].append({"step": self.start, "saved_on": saved_on, "resumed_on": str(self.device)})
+        print(f"resuming {self.run_dir} from {path.name} (step {self.start})", flush=True)
 
-    bar = tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
-    with on_signals(stop.append):
-        try:
-            for step in range(start + 1, cfg.max_steps + 1):
-                agent.update(buffer.sample(cfg.batch_size), step <= cfg.warmup_steps)
-                is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
-                if step % cfg.log_every == 0 or is_eval:
-                    sums, first_bad = agent.metric_sum.tolist(), agent.first_nonfinite.tolist()  # the one read-back
-                    agent.metric_sum.zero_()
-                    if max(first_bad) >= 0:
-                        i = min((b, j) for j, b in enumerate(first_bad) if b >= 0)[1]
-                        raise Diverged(f"{LOSSES[i]} became non-finite at step {first_bad[i]}; the newest checkpoint in "
-                                       f"{run_dir} is from before it (try a lower learning rate or another seed)")
-                    now = time.time()
-                    rate = (step - state["last_log"]) / max(now - t_interval, 1e-9)
-                    state["train_seconds"] += now - t_interval
-                    state["trained_steps"] += step - state["last_log"]
-                    values = {"step": step} | {k: v / (step - state["last_log"]) for k, v in zip(METRICS, sums)}
-                    state["last_log"] = step
-                    if is_eval:
-                        generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-                        ret = float(evaluator.run(agent, generator).mean())
-                        score = normalized_score(ret, target.score_range)
-                        state["evals"].append((step, ret, score))
-                        values |= {"eval_return": ret} | ({"eval_normalized_score": score} if score is not None else {})
-                        shown = f"normalised score {score:6.1f}" if score is not None else "(no reference scores)"
-                        tqdm.write(f"step {step:>8}  return {ret:8.1f}  {shown}  alpha {values['alpha']:.3g}"
-                                   f"  mmd {values['mmd']:.3f}  critic loss {values['critic_loss']:.3g}")
-                        bar.set_postfix(score=f"{score if score is not None else ret:.1f}")
-                    logger.write(step, values, rate)
-                    if is_eval:
-                        checkpoint(step)
-                    t_interval = time.time()
-                if stop:
-                    checkpoint(step)
-                    print(f"\nstopped by signal at step {step}; checkpoint saved in {run_dir}; continue with the same "
-                          "command plus --resume", file=sys.stderr, flush=True)
-                    raise Stop(EXIT_PREEMPTED if stop[0] == signal.SIGTERM else EXIT_INTERRUPTED)
-                if step % 100 == 0 or step == cfg.max_steps:
-                    bar.update(step - bar.n)
-        finally:
-            bar.close()
-            logger.close()
+    def __enter__(self):
+        self.signals = on_signals(self.stop.append)  # a signal is noted, and the loop stops at the end of its step
+        self.signals.__enter__()
+        return self
 
-    state["elapsed"] = elapsed_before + time.time() - t_start
-    _, returns, scores = zip(*state["evals"])
-    results = {
-        "dataset": spec.name, "env_id": env_id, "seed": cfg.seed, "steps": cfg.max_steps,
-        "final_normalized_score": scores[-1], "best_normalized_score": None if scores[-1] is None else max(scores),
-        "final_return": returns[-1], "best_return": max(returns),
-        "wall_clock_seconds": round(state["elapsed"], 2),
-        "train_steps_per_second": round(state["trained_steps"] / max(state["train_seconds"], 1e-9), 2),
-        "device": str(device), "dataset_source": source, "dataset_file": str(path), "dataset_notes": notes,
-        "comparable_with_published": source in ("cache", "download") and not notes,
-        "run_dir": str(run_dir),
-    }
-    write_json(run_dir / "results.json", results)
-    print(json.dumps({k: results[k] for k in ("final_normalized_score", "best_normalized_score", "steps",
-                                             "train_steps_per_second", "dataset_source")}), flush=True)
-    return results
+    def __exit__(self, *exc):
+        self.bar.close()
+        self.pool.close()
+        self.logger.close()
+        self.signals.__exit__(*exc)
+
+    def is_eval(self, step: int) -> bool:
+        return step % self.cfg.eval_every == 0 or step == self.cfg.max_steps
+
+    def log(self, step: int) -> None:
+        """The interval's means (read back once) and Q on the data, as a row; at an evaluation step the snapshot
+        goes to the pool and the row waits for it."""
+        agent, state = self.agent, self.state
+        sums, first_bad = agent.metric_sum.tolist(), agent.first_nonfinite.tolist()  # the one read-back
+        agent.metric_sum.zero_()
+        if max(first_bad) >= 0:
+            i = min((b, j) for j, b in enumerate(first_bad) if b >= 0)[1]
+            raise Diverged(f"{LOSSES[i]} became non-finite at step {first_bad[i]}; the newest checkpoint in "
+                           f"{self.run_dir} is from before it (try a lower learning rate or another seed)")
+        now = time.time()
+        rate = (step - state["last_log"]) / max(now - self.t_interval, 1e-9)
+        state["train_seconds"] += now - self.t_interval
+        state["trained_steps"] += step - state["last_log"]
+        values = {"step": step} | {k: v / (step - state["last_log"]) for k, v in zip(METRICS, sums)}
+        if self.probe_return is not None:
+            values |= q_vs_return(agent.critics, *self.probe, self.probe_return)
+        state["last_log"] = step
+        item = {"step": step, "values": values, "rate": rate}
+        self.queue.append(item)
+        if self.is_eval(step):
+            item["snapshot"] = eval_snapshot(agent)
+            self.pool.submit(step, item["snapshot"], self.stop)
+        self.t_interval = time.time()
+
+    def bookkeeping(self) -> dict:
+        return self.state | {"elapsed": self.elapsed_before + time.time() - self.t_start,
+                             "eval_wait_seconds": self.pool.waited}
+
+    def keep_checkpoint(self, step: int) -> None:
+        """The training state as it is now, kept in memory until the rows up to this step are written."""
+        state = {k: v for k, v in self.bookkeeping().items() if k not in ("evals", "csv_offset")}
+        self.queue.append({"step": step, "checkpoint": {"step": step, "agent": cpu_copy(self.agent.state_dict()),
+                                                        "rng": rng_states(self.device), "state": state}})
+
+    def flush(self, wait: bool = False) -> None:
+        """Writes every row whose evaluation is back, and every checkpoint whose rows are all written, in step order."""
+        while self.queue:
+            item = self.queue[0]
+            if "snapshot" in item:
+                returns = self.pool.result(item["step"], wait, self.stop)
+                if returns is None:
+                    return
+                self.write_evaluation(item["step"], item["values"], returns)
+            if "values" in item:
+                self.logger.write(item["step"], item["values"], item["rate"])
+            if "checkpoint" in item:
+                checkpoint = item["checkpoint"]
+                checkpoint["state"] |= {"evals": list(self.state["evals"]), "csv_offset": self.logger.offset()}
+                save_checkpoint(self.run_dir, checkpoint | {"config": dataclasses.asdict(self.cfg)})
+            self.queue.pop(0)
+
+    def write_evaluation(self, step: int, values: dict, returns: np.ndarray) -> None:
+        ret = float(returns.mean())
+        score = normalized_score(ret, self.target.score_range)
+        self.state["evals"].append((step, ret, score))
+        values |= {"eval_return": ret} | ({"eval_normalized_score": score} if score is not None else {})
+        shown = f"normalised score {score:6.1f}" if score is not None else "(no reference scores)"
+        self.tqdm.write(f"step {step:>8}  return {ret:8.1f}  {shown}  alpha {values['alpha']:.3g}"
+                        f"  mmd {values['mmd']:.3f}  critic loss {values['critic_loss']:.3g}")
+        self.bar.set_postfix(score=f"{score if score is not None else ret:.1f}")
+
+    def stop_at(self, step: int) -> None:
+        """After a signal: a checkpoint of the training state now that also holds the rows still waiting for their
+        evaluations, with those evaluations' snapshots (--resume does them again); then the documented exit."""
+        pending = [{k: v for k, v in item.items() if k != "checkpoint"} for item in self.queue if "values" in item]
+        save_checkpoint(self.run_dir, {"step": step, "agent": self.agent.state_dict(), "rng": rng_states(self.device),
+                                       "state": self.bookkeeping() | {"csv_offset": self.logger.offset(),
+                                                                      "pending": pending},
+                                       "config": dataclasses.asdict(self.cfg)})
+        print(f"\nstopped by signal at step {step}; checkpoint saved in {self.run_dir}; continue with the same "
+              "command plus --resume", file=sys.stderr, flush=True)
+        raise Stop(EXIT_PREEMPTED if self.stop[0] == signal.SIGTERM else EXIT_INTERRUPTED)
+
+    def progress(self, step: int) -> None:
+        if step % 100 == 0 or step == self.cfg.max_steps:
+            self.bar.update(step - self.bar.n)
+
+    def results(self) -> dict:
+        t = time.time()
+        self.flush(wait=True)  # the final evaluation
+        if self.stop:
+            self.stop_at(self.cfg.max_steps)
+        self.bar.close()
+        final_wait, state, loaded = time.time() - t, self.bookkeeping(), self.loaded
+        _, returns, scores = zip(*state["evals"])
+        results = {
+            "dataset": self.dataset_name,
+            "env_id": self.target.env_id, "seed": self.cfg.seed, "steps": self.cfg.max_steps,
+            "final_normalized_score": scores[-1], "best_normalized_score": None if scores[-1] is None else max(scores),
+            "final_return": returns[-1], "best_return": max(returns),
+            "wall_clock_seconds": round(state["elapsed"], 2),
+            "train_steps_per_second": round(state["trained_steps"] / max(state["train_seconds"], 1e-9), 2),
+            "eval_workers": self.pool.n, "eval_wait_seconds": round(state["eval_wait_seconds"] - final_wait, 2),
+            "final_eval_wait_seconds": round(final_wait, 2),
+            "device": str(self.device), "dataset_source": loaded.source, "dataset_file": str(loaded.file),
+            "dataset_notes": loaded.notes, "comparable_with_published": loaded.source in ("cache", "download") and not loaded.notes,
+            "probe_pairs": len(self.probe[0]), "probe_return": self.probe_return, "q_bound": self.q_bound,
+            "rng_restarts": state["rng_restarts"], "run_dir": str(self.run_dir),
+        }
+        write_json(self.run_dir / "results.json", results)
+        print(json.dumps({k: results[k] for k in ("final_normalized_score", "best_normalized_score", "steps",
+                                                 "train_steps_per_second", "dataset_source")}), flush=True)
+        return results
+
+
+def cpu_copy(obj):
+    """A deep copy with every tensor cloned onto the CPU: a state dict kept while training goes on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1803,7 +2337,27 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED
     except Stop as e:
         return e.code
+    except Exception as e:  # a crash: its own exit code, so that retry logic does not read it as a divergence
+        path = crash_report(e, getattr(e, "crash_folder", None))
+        print(f"bear-train.py: crashed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (traceback in "
+              f"{path})", file=sys.stderr, flush=True)
+        return EXIT_CRASHED
     return 0
+
+
+def crash_report(error: BaseException, folder: Path | None) -> Path:
+    """The traceback, appended to error.log in the run folder (or in the temporary folder when there is none)."""
+    import traceback
+
+    text = f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n" + "".join(traceback.format_exception(error))
+    for path in ([folder / "error.log"] if folder else []) + [Path(tempfile.gettempdir()) / f"bear-train-crash-{os.getpid()}.log"]:
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+            return path
+        except OSError:
+            continue
+    return Path("(could not be written)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
     python benchmarks/speed.py                      # every part except regen (about 3 minutes)
     python benchmarks/speed.py --parts update d3rlpy flops
     python benchmarks/speed.py --parts regen        # regenerate a 1M-step random dataset, 1 then 2 workers (~5 min)
+    python benchmarks/speed.py --device=cuda --parts device   # every GPU figure in one go
+    python benchmarks/speed.py --parts evalpool     # evaluation in a pool against none and against in-process
+    python benchmarks/speed.py --small --parts ...  # a tiny version of any part (the test suite runs each so)
 
 Parts:
   update   post-warm-up BEAR update rate (steps/s), default hyperparameters, synthetic walker2d-shaped data
@@ -16,7 +19,15 @@ Parts:
   script   bear-train.py itself, end to end on a synthetic walker2d-shaped file (warm-up 0): the
            train_steps_per_second it records in results.json, to compare with `update`
   eval     seconds for 10 episodes x 1000 steps with 100 candidates per step (HalfCheetah-v4 never terminates,
-           so every episode runs the full 1000 steps)
+           so every episode runs the full 1000 steps), on one thread as a pool worker runs it, and the share of it
+           spent in MuJoCo and the environments' Python
+  evalpool bear-train.py end to end on a HalfCheetah-shaped file, evaluating every 250 steps: training pinned to
+           one core with 1 thread, the evaluation pool on the other (CPU affinities), against the same run with
+           evaluation off (one evaluation, at the end) and with --eval-workers=0; wall-time ratios
+  device   every figure of --device (cuda:0 on a GPU machine) in one go: eager updates/s at K=2 batch 256, K=10,
+           batch 1024; --compile against eager; d3rlpy 2.8.1 on the same device; one evaluation; the operations and
+           kernels per update (profiler); the seed command end to end for 4 x --steps steps with the evaluation pool
+           (wall time, evaluation share, projected 1M-step time)
   data     seconds and peak RSS to load a 1M-transition D4RL-layout file into training tensors
   regen    seconds to regenerate a 1M-step random dataset (walker2d) with 1 worker, then with 2, in one run; the
            two files' arrays must be identical (the recipe does not depend on the number of workers)
@@ -28,6 +39,7 @@ ratio compares blocks run seconds apart under the same load: this shared machine
 minutes, so only ratios measured in one run mean anything.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -77,14 +89,20 @@ def timed(one_step, warmup, finish=lambda: None):
 
 
 def make_agent(args, **config):
-    """bear-train.py's BEAR on the CPU with args.threads threads, seed 0, K = args.k critics."""
+    """bear-train.py's BEAR on args.device (its current device) with args.threads threads, seed 0, K = args.k."""
     import torch
 
     bear = load_bear()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = bear.Config(num_critics=args.k, **config)
-    return bear, bear.BEAR(cfg, OBS, ACT, "laplacian", torch.device("cpu"))
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cfg = bear.Config(num_critics=args.k, **(TINY_NETS if args.tiny else {}) | config)
+    return bear, bear.BEAR(cfg, OBS, ACT, "laplacian", device)
+
+
+TINY_NETS = {"batch_size": 8, "vae_hidden": 8, "actor_hidden": 8, "critic_hidden": 8}
 
 
 def bear_stepper(args):
@@ -92,11 +110,9 @@ def bear_stepper(args):
     seconds for n more updates."""
     import torch
 
-    if args.tiny:  # 8-wide networks, batch 8: the same operations with next to no arithmetic
-        bear, agent = make_agent(args, batch_size=8, vae_hidden=8, actor_hidden=8, critic_hidden=8)
-    else:
-        bear, agent = make_agent(args, batch_size=args.batch, compile=args.compile)
-    buffer = bear.ReplayBuffer(synthetic(), torch.device("cpu"))
+    # --tiny: 8-wide networks, batch 8: the same operations with next to no arithmetic
+    bear, agent = make_agent(args, compile=bool(args.compile), **{} if args.tiny else {"batch_size": args.batch})
+    buffer = bear.ReplayBuffer(synthetic(), agent.device)
     if args.batched:
         agent.critics.forward = batched_forward(agent.critics)
         agent.target_critics.forward = batched_forward(agent.target_critics)
@@ -151,7 +167,7 @@ def d3rlpy_stepper(args):
         gamma=0.99, tau=0.005, n_critics=args.k, alpha_threshold=0.05, lam=0.75, n_action_samples=100,
         n_target_samples=10, n_mmd_action_samples=4, mmd_kernel="laplacian", mmd_sigma=20.0, vae_kl_weight=0.5,
         warmup_steps=0)
-    algo = config.create(device="cpu:0")
+    algo = config.create(device=args.device if ":" in args.device else f"{args.device}:0")
     algo.build_with_dataset(dataset)
     batch = dataset.sample_transition_batch(args.batch)
     return timed(lambda fixed: algo.update(batch if fixed else dataset.sample_transition_batch(args.batch)),
@@ -290,16 +306,52 @@ def worker_flops(args) -> dict:
 
 
 def worker_eval(args) -> dict:
+    """One evaluation as the pool runs it (bear-train.py's Evaluator on a snapshot, args.threads threads), and the
+    time its environments take alone: MuJoCo and gymnasium's wrappers, stepped with the same actions again."""
+    import numpy as np
     import torch
 
     bear = load_bear()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    agent = bear.BEAR(bear.Config(), OBS, ACT, "gaussian", torch.device("cpu"))
-    evaluator = bear.Evaluator("HalfCheetah-v4", 10, 0)
+    cfg = bear.Config(eval_episodes=2 if args.tiny else 10, **TINY_NETS if args.tiny else {})
+    agent = bear.BEAR(cfg, OBS, ACT, "gaussian", torch.device("cpu"))
+    evaluator = bear.Evaluator(bear.EvalTarget("HalfCheetah-v4", None), cfg, OBS, ACT)
+    actions, real_steps = [], [env.step for env in evaluator.envs]
+    for env, real in zip(evaluator.envs, real_steps):
+        env.step = lambda action, real=real: actions.append((real, action)) or real(action)
+    evaluator(bear.eval_snapshot(agent), 0)  # a warm-up, which records the actions taken
+    for env, real in zip(evaluator.envs, real_steps):
+        env.step = real
     t = time.perf_counter()
-    returns = evaluator.run(agent, torch.Generator().manual_seed(0))
-    return {"seconds": time.perf_counter() - t, "episodes": len(returns)}
+    returns = evaluator(bear.eval_snapshot(agent), 0)
+    seconds = time.perf_counter() - t
+    for env, seed in zip(evaluator.envs, evaluator.seeds):
+        env.reset(seed=seed)
+    t = time.perf_counter()
+    for real, action in actions:
+        real(action)
+    return {"seconds": seconds, "episodes": len(returns), "env_steps": len(actions),
+            "env_seconds": time.perf_counter() - t, "mean_return": float(np.mean(returns))}
+
+
+def worker_launches(args) -> dict:
+    """Operators (aten calls, every level) and, on CUDA, kernels that one post-warm-up update launches (profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    bear, agent = make_agent(args, **{} if args.tiny else {"batch_size": args.batch})
+    buffer = bear.ReplayBuffer(synthetic(10_000), agent.device)
+    cuda = agent.device.type == "cuda"
+    for _ in range(3):
+        agent.update(buffer.sample(agent.cfg.batch_size), False)
+    agent.metric_sum.tolist()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        agent.update(buffer.sample(agent.cfg.batch_size), False)
+        agent.metric_sum.tolist()
+    events = prof.events()
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA) if cuda else None
+    return {"aten_calls": sum(1 for e in events if e.name.startswith("aten::")), "kernels": kernels}
 
 
 def worker_data(args) -> dict:
@@ -339,7 +391,7 @@ def worker_regen(args) -> dict:
 
 
 WORKERS = {"flops": worker_flops, "d3flops": worker_d3flops, "eval": worker_eval, "data": worker_data,
-           "regen": worker_regen}
+           "regen": worker_regen, "launches": worker_launches}
 STEPPERS = {"bear": bear_stepper, "d3rlpy": d3rlpy_stepper, "matmuls": flops_stepper, "optim": optim_stepper}
 
 
@@ -400,12 +452,17 @@ def row(name, value, note=""):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", default=["update", "d3rlpy", "flops", "scaling", "script", "eval", "data"],
-                   choices=["update", "d3rlpy", "flops", "scaling", "script", "eval", "data", "regen"])
+    parts = ["update", "d3rlpy", "flops", "scaling", "script", "eval", "data", "regen", "evalpool", "device"]
+    p.add_argument("--parts", nargs="+", default=parts[:7], choices=parts)
     p.add_argument("--rounds", type=int, default=15, help="A B rounds; medians are reported")
     p.add_argument("--block", type=int, default=10, help="updates per timed block in the A B rounds")
-    p.add_argument("--steps", type=int, default=200, help="bear-train.py's run in the script part is 4x this")
+    p.add_argument("--steps", type=int, default=200, help="bear-train.py's runs in the script and device parts are 4x this")
+    p.add_argument("--device", default="cpu", help="where the updates run (cuda:0 on a GPU machine)")
+    p.add_argument("--small", action="store_true", help="every part at a tiny size, in seconds (the test suite's smoke "
+                                                         "tests); its figures mean nothing")
     p.add_argument("--d3rlpy-python", default=os.environ.get("D3RLPY_PYTHON", str(ROOT / ".venv-d3rlpy/bin/python")))
+    p.add_argument("--regen-steps", type=int, default=1_000_000, help="environment steps of the regen part")
+    p.add_argument("--pool-steps", type=int, default=1000, help="steps of each run of the evalpool part")
     # worker-only options
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--serve", choices=sorted(STEPPERS), help=argparse.SUPPRESS)
@@ -417,7 +474,6 @@ def main():
     p.add_argument("--tiny", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--compile", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--file", default="", help=argparse.SUPPRESS)
-    p.add_argument("--regen-steps", type=int, default=1_000_000, help="environment steps of the regen part")
     p.add_argument("--regen-workers", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -426,23 +482,27 @@ def main():
     if args.serve:
         serve(args)
         return
+    if args.small:
+        args.rounds, args.block, args.steps, args.regen_steps, args.pool_steps = 2, 2, 10, 2000, 20
+    tiny = int(args.small)  # every bear-train.py agent 8 wide in --small
 
     import platform
 
     import torch
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"2 threads; {time.strftime('%Y-%m-%d')}\n")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {cpu_flags()}, torch "
+          f"{torch.__version__}, 2 threads; {time.strftime('%Y-%m-%d')}{'; --small: figures mean nothing' * tiny}\n")
     print("| figure | value | how |\n|---|---|---|")
     if {"update", "d3rlpy", "flops"} & set(args.parts):
         have_d3 = "d3rlpy" in args.parts and Path(args.d3rlpy_python).exists()
-        servers = {"ours": Server("bear")}
+        servers = {"ours": Server("bear", tiny=tiny)}
         blocks = [("ours", False)]
         if have_d3:
-            servers["d3rlpy"] = Server("d3rlpy", python=args.d3rlpy_python)
+            servers["d3rlpy"] = Server("d3rlpy", python=args.d3rlpy_python, batch=8 if tiny else 256)
             blocks += [("d3rlpy", False), ("d3rlpy fixed", True)]
         if "flops" in args.parts:
-            servers["matmuls"], servers["optim"], servers["tiny"] = Server("matmuls"), Server("optim"), Server("bear", tiny=1)
+            servers["matmuls"] = Server("matmuls", batch=8 if tiny else 256)
+            servers["optim"], servers["tiny"] = Server("optim", tiny=tiny), Server("bear", tiny=1)
             blocks += [("matmuls", False), ("optim", False), ("tiny", False)]
         rate = {name: [] for name, _ in blocks}
         for r in range(args.rounds):  # A B A B ..., rotating which goes first
@@ -456,7 +516,7 @@ def main():
         if have_d3:
             theirs, upd = statistics.median(rate["d3rlpy"]), statistics.median(rate["d3rlpy fixed"])
             paired = [x / y for x, y in zip(rate["ours"], rate["d3rlpy"])]
-            d3 = spawn("d3flops", python=args.d3rlpy_python)
+            d3 = spawn("d3flops", python=args.d3rlpy_python, batch=8 if tiny else 256)
             row("d3rlpy 2.8.1 BEAR, same settings, its sampling + update (steps/s)", f"{theirs:.1f}",
                 f"{how}, middle half {quartiles(rate['d3rlpy'])}")
             row("d3rlpy 2.8.1 BEAR, update on a fixed batch (steps/s)", f"{upd:.1f}", "excludes its batch sampling")
@@ -468,7 +528,7 @@ def main():
         elif "d3rlpy" in args.parts:
             row("d3rlpy 2.8.1 BEAR", "skipped", f"no interpreter at {args.d3rlpy_python} (see README)")
         if "flops" in args.parts:
-            f = spawn("flops")
+            f = spawn("flops", batch=8 if tiny else 256)
             limit = statistics.median(rate["matmuls"])
             fraction = [x / y for x, y in zip(rate["ours"], rate["matmuls"])]
             row("matrix-multiply arithmetic per update (GFLOP)", f"{f['flops_per_step'] / 1e9:.2f}",
@@ -492,37 +552,37 @@ def main():
                     f"non-matmul work, against {optim_ms:.1f} ms for the optimisers alone and {tiny_ms:.1f} ms for "
                     "the operations on 8-wide networks")
     if "scaling" in args.parts:
-        rounds = max(3, args.rounds // 3)
-        for k in (2, 5, 10):  # A B A B: the script's loop of K networks, one batched bmm module over the same weights
-            looped, batched = Server("bear", k=k), Server("bear", k=k, batched=1)
+        rounds = 1 if tiny else max(3, args.rounds // 3)
+        for k in (2,) if tiny else (2, 5, 10):  # A B A B: the script's loop of K networks, one batched bmm module
+            looped, batched = Server("bear", k=k, tiny=tiny), Server("bear", k=k, batched=1, tiny=tiny)
             rates = [(looped.steps_per_s(args.block), batched.steps_per_s(args.block)) for _ in range(rounds)]
             looped.close(), batched.close()
             row(f"K={k} critics, batch 256 (steps/s)", f"{statistics.median(r[0] for r in rates):.1f}",
                 f"as one batched bmm module: {statistics.median(r[1] for r in rates):.1f} (medians of {rounds} blocks each)")
-        for batch in (512, 1024):
-            server = Server("bear", batch=batch)
+        for batch in (512,) if tiny else (512, 1024):
+            server = Server("bear", batch=batch, tiny=tiny)
             rate = statistics.median(server.steps_per_s(max(2, args.block // 2)) for _ in range(rounds))
             server.close()
             row(f"K=2, batch {batch} (steps/s)", f"{rate:.1f}", f"median of {rounds} blocks")
     if "script" in args.parts:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "walker2d_synthetic.hdf5"
-            write_million(path, n=100_000)
-            cmd = [sys.executable, str(ROOT / "bear-train.py"), f"--dataset={path}", "--gpu=-1", "--warmup-steps=0",
-                   f"--max-steps={4 * args.steps}", "--eval-every=1000000", "--eval-episodes=1", f"--log-dir={tmp}/runs"]
-            subprocess.run(cmd, check=True, capture_output=True)
-            results = json.loads(next(Path(tmp).glob("runs/*/results.json")).read_text())
+            write_million(path, n=2000 if tiny else 100_000)
+            results = run_script(path, tmp, tiny, "--gpu=-1", "--warmup-steps=0", f"--max-steps={4 * args.steps}",
+                                 "--eval-every=1000000", "--eval-episodes=1", "--eval-workers=0")
         row("bear-train.py end to end, results.json (steps/s)", f"{results['train_steps_per_second']:.1f}",
             f"{4 * args.steps} steps, warm-up 0, evaluation excluded")
     if "eval" in args.parts:
-        e = spawn("eval")
-        row("evaluation, 10 episodes x 1000 steps, 100 candidates (s)", f"{e['seconds']:.1f}", "HalfCheetah-v4")
+        e = spawn("eval", threads=1, tiny=tiny)
+        row(f"evaluation, {e['episodes']} episodes x 1000 steps, 100 candidates, 1 thread (s)", f"{e['seconds']:.1f}",
+            f"HalfCheetah-v4, as a pool worker runs it; the environments alone (MuJoCo, gymnasium's wrappers, the "
+            f"same {e['env_steps']} actions): {e['env_seconds']:.2f} s, {e['env_seconds'] / e['seconds']:.0%}")
     if "data" in args.parts:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "walker2d_random-v2.hdf5"
-            write_million(path)
+            write_million(path, n=10_000 if tiny else 1_000_000)
             d = spawn("data", file=path)
-        row("load 1M transitions into training tensors (s)", f"{d['seconds']:.1f}",
+        row(f"load {d['transitions'] + 1} rows into training tensors (s)", f"{d['seconds']:.1f}",
             f"peak RSS {d['peak_rss_gb']:.2f} GB, {d['transitions']} transitions, gzip like D4RL's")
     if "regen" in args.parts:
         one, two = (spawn("regen", regen_steps=args.regen_steps, regen_workers=w) for w in (1, 2))
@@ -531,6 +591,140 @@ def main():
                 f"{r['transitions']} transitions, {r['terminals']} terminal")
         row("regeneration speed-up, 2 workers over 1", f"{one['seconds'] / two['seconds']:.2f}x",
             "arrays identical" if one["sha256"] == two["sha256"] else "ARRAYS DIFFER")
+        if args.regen_steps == 1_000_000:  # the README's figure
+            same = (one["transitions"], one["terminals"]) == README_REGEN
+            row("the README's 999 999 transitions, 47 295 terminal", "reproduced" if same else "NOT REPRODUCED",
+                f"{one['transitions']} and {one['terminals']} in this run")
+    if "evalpool" in args.parts:
+        evalpool_part(args, tiny)
+    if "device" in args.parts:
+        device_part(args, tiny)
+
+
+README_REGEN = (999_999, 47_295)  # walker2d-random-v2 regenerated by the current recipe, 1M steps
+
+
+def cpu_flags() -> str:
+    """What the CPU reports that matters here: its vector and matrix extensions."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "CPU flags unknown"
+    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
+    return "flags: " + (" ".join(flag for flag in wanted if flag in flags) or "none of " + " ".join(wanted))
+
+
+def run_script(path, tmp, tiny, *flags, popen=False):
+    """bear-train.py on `path`; 8-wide networks in --small. Returns its results.json, or the Popen."""
+    small = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_NETS.items()] + ["--eval-episodes=2", "--eval-candidates=4"]
+    cmd = [sys.executable, str(ROOT / "bear-train.py"), f"--dataset={path}", f"--log-dir={tmp}/runs", *flags,
+           *(small if tiny else [])]
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"bear-train.py failed:\n{out.stderr[-3000:]}")
+    return json.loads(max(Path(tmp).glob("runs/*/results.json"), key=os.path.getmtime).read_text())
+
+
+def evalpool_part(args, tiny) -> None:
+    """Three runs on a HalfCheetah-shaped file (every evaluation is 10 full 1000-step episodes): evaluation every 250
+    steps in the pool, the same in the training process, and evaluation off (one evaluation, at the end). Training
+    is pinned to one core with 1 thread; the pool's worker is moved to another core once it starts."""
+    cores = sorted(os.sched_getaffinity(0))
+    train_core, pool_core = cores[0], cores[-1]
+    every = 5 if tiny else 250
+    walls = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "halfcheetah_synthetic.hdf5"
+        write_million(path, n=2000 if tiny else 100_000)
+        for name, flags in (("off", [f"--eval-every={args.pool_steps}", "--eval-workers=1"]),
+                            ("pool", [f"--eval-every={every}", "--eval-workers=1"]),
+                            ("in process", [f"--eval-every={every}", "--eval-workers=0"])):
+            proc = run_script(path, tmp, tiny, "--gpu=-1", "--threads=1", "--warmup-steps=0", f"--run-name={name}",
+                              f"--max-steps={args.pool_steps}", *flags, popen=True)
+            os.sched_setaffinity(proc.pid, {train_core})
+            while proc.poll() is None:  # the worker (a child of the training process) goes to the other core
+                for child in children(proc.pid):
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(child, {pool_core})
+                time.sleep(0.5)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bear-train.py failed:\n{proc.stderr.read()[-3000:]}")
+            results = json.loads((Path(tmp) / "runs" / name / "results.json").read_text())
+            walls[name] = results["wall_clock_seconds"]
+            waited = results["eval_wait_seconds"] + results["final_eval_wait_seconds"]
+            row(f"{args.pool_steps} steps, evaluation {name if name == 'off' else 'every ' + str(every) + ' steps ' + name} "
+                "(wall s)", f"{walls[name]:.0f}", f"training on core {train_core}, 1 thread; the pool on core "
+                f"{pool_core}; waited for evaluations {waited:.1f} s in all")
+    row("evaluation in the pool, wall time over evaluation off", f"{walls['pool'] / walls['off']:.3f}x",
+        f"same run; {len(cores)} usable cores")
+    row("evaluation in the training process, wall time over evaluation off", f"{walls['in process'] / walls['off']:.3f}x",
+        "same run (--eval-workers=0)")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+def device_part(args, tiny) -> None:
+    """Every figure of one device, in one go (on a GPU machine: --device=cuda:0)."""
+    dev, rounds = args.device, 2 if tiny else 5
+    for k, batch in ((2, 256),) if tiny else ((2, 256), (10, 256), (2, 1024)):
+        server = Server("bear", k=k, batch=batch, device=dev, tiny=tiny)
+        rate = statistics.median(server.steps_per_s(args.block) for _ in range(rounds))
+        server.close()
+        row(f"{dev}: eager update, K={k}, batch {batch} (steps/s)", f"{rate:.1f}", f"median of {rounds} blocks of "
+            f"{args.block}")
+    eager, compiled = Server("bear", device=dev, tiny=tiny), Server("bear", device=dev, tiny=tiny, compile=1, warmup=3)
+    pairs = [(eager.steps_per_s(args.block), compiled.steps_per_s(args.block)) for _ in range(rounds)]
+    eager.close(), compiled.close()
+    plain, fast = statistics.median(r[0] for r in pairs), statistics.median(r[1] for r in pairs)
+    row(f"{dev}: --compile, K=2, batch 256 (steps/s)", f"{fast:.1f}", f"eager {plain:.1f} in the same A B rounds: "
+        f"{fast / plain:.2f}x")
+    if Path(args.d3rlpy_python).exists():
+        server = Server("d3rlpy", python=args.d3rlpy_python, device=dev, batch=8 if tiny else 256)
+        rate = statistics.median(server.steps_per_s(args.block) for _ in range(rounds))
+        server.close()
+        row(f"{dev}: d3rlpy 2.8.1 BEAR, same settings (steps/s)", f"{rate:.1f}", f"median of {rounds} blocks")
+    else:
+        row(f"{dev}: d3rlpy 2.8.1 BEAR", "skipped", f"no interpreter at {args.d3rlpy_python} (see README)")
+    e = spawn("eval", threads=1, tiny=tiny)
+    row("one evaluation, 10 HalfCheetah episodes, on one CPU core (s)", f"{e['seconds']:.1f}",
+        "the pool's workers evaluate on the CPU, whatever the training device")
+    launches = spawn("launches", device=dev, tiny=tiny)
+    row(f"{dev}: operators per update (aten calls)", launches["aten_calls"], "one post-warm-up update, profiler")
+    row(f"{dev}: kernels per update", launches["kernels"] if launches["kernels"] is not None else "n/a (no CUDA)",
+        "CUDA kernels launched by one update, profiler")
+    steps = 4 * args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "walker2d_synthetic.hdf5"
+        write_million(path, n=2000 if tiny else 100_000)
+        gpu = "0" if dev.startswith("cuda") else "-1"
+        t = time.perf_counter()
+        results = run_script(path, tmp, tiny, "--seed=0", f"--gpu={gpu}", f"--max-steps={steps}",
+                             f"--eval-every={10 if tiny else 1000}")
+        wall = time.perf_counter() - t
+    waited = results["eval_wait_seconds"] + results["final_eval_wait_seconds"]
+    row(f"the seed command, {steps} steps, evaluation pool of {results['eval_workers']} (wall s)", f"{wall:.0f}",
+        f"a synthetic walker2d-shaped file; results.json: {results['wall_clock_seconds']:.0f} s training, "
+        f"{results['train_steps_per_second']:.0f} updates/s")
+    row("evaluation share of that wall time", f"{waited / results['wall_clock_seconds']:.1%}",
+        f"time training waited for the pool ({waited:.1f} s), final evaluation included")
+    per_step = (results["wall_clock_seconds"] - results["final_eval_wait_seconds"]) / steps
+    row("projected 1M steps (h)", f"{1e6 * per_step / 3600:.2f}", f"{per_step * 1e3:.2f} ms a step, evaluations "
+        f"included; the pool must then finish {1 / (per_step * 1000):.2f} evaluations a second at the default "
+        f"schedule: {e['seconds'] * 1 / (per_step * 1000):.1f} worker cores at {e['seconds']:.1f} s each")
 
 
 def write_million(path: Path, n=1_000_000):

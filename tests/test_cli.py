@@ -42,6 +42,7 @@ def test_reference_command_on_a_cached_file(tmp_path):
     assert results["wall_clock_seconds"] > 0 and results["train_steps_per_second"] > 0
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert rows[0].split(",") == ["step", "vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "mmd", "q_mean",
+                                  "q_data", "q_data_min", "q_data_max", "return_data", "q_gap", "q_ratio",
                                   "eval_return", "eval_normalized_score"]
     assert [r.split(",")[0] for r in rows[1:]] == ["150", "300"] and all(r.split(",")[-1] for r in rows[1:])
     config = json.loads((run_dir / "config.json").read_text())

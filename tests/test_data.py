@@ -163,3 +163,51 @@ def test_a_regeneration_chunk_can_end_on_an_episode_boundary(bear):
     assert part["terminals"][-1] or part["timeouts"][-1]
     cut = bear._random_rollout("Hopper-v4", 100, 0, False)
     assert len(cut["rewards"]) == 100
+
+
+def test_monte_carlo_returns_follow_terminals_timeouts_and_the_end_of_the_file(bear, tmp_path):
+    """Three episodes, gamma 0.5: rows 0-2 end in a termination, rows 3-10 in a timeout (row 10), rows 11-13 are cut
+    by the end of the file. Every value below was worked out by hand."""
+    n = 14
+    terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
+    terminals[2], timeouts[10] = True, True
+    rewards = np.array([1, 2, 3, 1, 1, 1, 1, 1, 1, 1, 1, 7, 8, 9], np.float32)
+    path = tmp_path / "hopper_returns.hdf5"
+    write_d4rl_file(path, n=n, obs_dim=11, act_dim=3, rewards=rewards, terminals=terminals, timeouts=timeouts)
+    data = bear.to_transitions(bear.read_d4rl(path, "hopper"), gamma=0.5)
+    # transitions: rows 0..12 but the timed-out row 10 (row 13 is the last row)
+    # episode 1: G2 = 3, G1 = 2 + 3/2, G0 = 1 + 3.5/2
+    # episode 2 (rewards 1): G10 = 1, G9 = 1.5, ..., G3 = 2 - 0.5^7; the timed-out row's reward counts in G9
+    # episode 3: G12 = 8 + 9/2 = 12.5, G11 = 7 + 12.5/2 = 13.25
+    expected = [2.75, 3.5, 3.0, 1.9921875, 1.984375, 1.96875, 1.9375, 1.875, 1.75, 1.5, 13.25, 12.5]
+    assert data["returns"].tolist() == expected
+    # complete: terminated episodes, and rows whose unseen rest after a truncation weighs gamma^h < 1 %: rows 3 and 4
+    # of episode 2 (0.5^8 and 0.5^7); rows 5.. (0.5^6 = 1.6 %) and the cut episode are not
+    assert data["returns_complete"].tolist() == [True] * 5 + [False] * 7
+
+
+def test_monte_carlo_returns_of_minari_episodes(bear, tmp_path, monkeypatch):
+    from conftest import write_minari_dataset
+
+    root = tmp_path / "minari"
+    made = write_minari_dataset(root, "test/hopper/returns-v0", "Hopper-v5", [(6, "term"), (500, "trunc")])
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    data = bear.load_data(bear.resolve_dataset("test/hopper/returns-v0"), offline=True, gamma=0.9).transitions
+    expected = []
+    for _, _, rewards, _, _ in made:  # sum_j gamma^j r_(i+j) to the episode's end, written out
+        expected += [sum(0.9 ** j * r for j, r in enumerate(rewards[i:])) for i in range(len(rewards))]
+    np.testing.assert_allclose(data["returns"], expected, rtol=1e-5)
+    # the terminated episode is complete; the truncated one only where 0.9^h < 1 % (h > 43 steps before its end)
+    assert data["returns_complete"].tolist() == [True] * 6 + [True] * (500 - 43) + [False] * 43
+
+
+def test_the_probe_set_is_fixed_and_holds_only_complete_returns(bear):
+    complete = np.random.default_rng(3).random(10_000) < 0.7
+    np.random.seed(1)
+    first = bear.probe_rows(complete, 4096)
+    np.random.seed(2)  # the global stream (seeded from --seed) plays no part
+    assert np.array_equal(first, bear.probe_rows(complete, 4096))
+    assert len(first) == 4096 and complete[first].all() and len(set(first)) == 4096
+    assert np.array_equal(bear.probe_rows(complete[:100], 4096), np.flatnonzero(complete[:100]))  # small data: all
+    assert bear.q_bound(np.array([1.0, 3.48]), 0.99) == pytest.approx(348)
+    assert bear.q_bound(np.array([-2.0, -1.0]), 0.99) == -1.0  # negative rewards: stopping at once is best

@@ -38,10 +38,55 @@ def test_each_run_has_tensorboard_events_and_a_curves_png(two_seeds):
         tags = events.Tags()
         for tag in ("losses/critic_loss", "losses/actor_loss", "losses/vae_loss", "losses/alpha_loss", "charts/alpha",
                     "charts/mmd", "charts/q_mean", "charts/steps_per_second", "eval/eval_normalized_score",
-                    "eval/eval_return"):
+                    "eval/eval_return", *(f"charts/q_vs_return/{k}" for k in ("q_data", "q_data_min", "q_data_max",
+                                                                               "return_data", "q_gap", "q_ratio"))):
             assert tag in tags["scalars"], tag
         assert [e.step for e in events.Scalars("eval/eval_normalized_score")] == [40, 80]
+        assert [e.step for e in events.Scalars("charts/q_vs_return/q_data")] == [20, 40, 60, 80]
         assert any("hyperparameters" in t for t in tags["tensors"])
+
+
+def test_q_on_the_data_is_logged_against_the_probe_sets_return(bear, two_seeds):
+    import csv
+
+    import numpy as np
+
+    folder = two_seeds / "runs" / "hopper_tiny__seed0"
+    config = json.loads((folder / "config.json").read_text())
+    data = bear.to_transitions(bear.read_d4rl(two_seeds / "hopper_tiny.hdf5", "hopper"), config["gamma"])
+    probe = bear.probe_rows(data["returns_complete"], config["probe_size"])
+    assert config["probe_pairs"] == len(probe) > 100
+    assert config["probe_return"] == pytest.approx(float(data["returns"][probe].mean()))
+    assert config["q_bound"] == pytest.approx(float(data["rewards"].max()) / (1 - config["gamma"]))
+    with open(folder / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    for row in rows:
+        q, lo, hi, ret = (float(row[k]) for k in ("q_data", "q_data_min", "q_data_max", "return_data"))
+        assert lo <= q <= hi and ret == pytest.approx(config["probe_return"])
+        assert float(row["q_gap"]) == pytest.approx(q - ret) and float(row["q_ratio"]) == pytest.approx(q / ret)
+    assert len({row["q_data"] for row in rows}) == 4  # the critics change between rows
+    # the last row's Q, recomputed from the run's final critics on the probe pairs
+    agent_state = torch_load_newest(folder)["agent"]
+    critics = bear.QEnsemble(11, 3, 32, 2)
+    critics.load_state_dict(agent_state["critics"])
+    stats = bear.q_vs_return(critics, *(torch_tensor(data[k][probe]) for k in ("observations", "actions")),
+                             config["probe_return"])
+    assert float(rows[-1]["q_data"]) == pytest.approx(stats["q_data"], rel=1e-6)
+    assert float(rows[-1]["q_data_min"]) == pytest.approx(stats["q_data_min"], rel=1e-6)
+    assert np.isfinite(stats["q_data_max"])
+
+
+def torch_load_newest(folder):
+    import torch
+
+    return torch.load(sorted(folder.glob("checkpoint-*.pt"))[-1], weights_only=False)
+
+
+def torch_tensor(x):
+    import torch
+
+    return torch.as_tensor(x)
 
 
 def test_summarize_gives_mean_and_std_over_seeds_and_marks_unfinished_and_regenerated(two_seeds):

@@ -25,7 +25,7 @@ def dataset(tmp_path_factory):
 
 def command(dataset, log_dir, *extra, steps=400, every=100, seed=0):
     return [sys.executable, str(SCRIPT), f"--dataset={dataset}", f"--log-dir={log_dir}", f"--seed={seed}",
-            f"--max-steps={steps}", f"--eval-every={every}", *SMALL, *extra]
+            f"--max-steps={steps}", f"--eval-every={every}", f"--checkpoint-every={every}", *SMALL, *extra]
 
 
 def run(cmd):

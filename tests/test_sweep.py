@@ -50,7 +50,8 @@ def data(tmp_path_factory):
 
 def sweep_command(address, log_dir, datasets, seeds, steps=200, every=100, *extra):
     return [sys.executable, str(SCRIPT), f"--dataset={','.join(map(str, datasets))}", f"--seed={seeds}",
-            f"--log-dir={log_dir}", f"--max-steps={steps}", f"--eval-every={every}", f"--ray-address={address}",
+            f"--log-dir={log_dir}", f"--max-steps={steps}", f"--eval-every={every}", f"--checkpoint-every={every}",
+            f"--ray-address={address}",
             *SMALL, *extra]
 
 
@@ -111,7 +112,7 @@ def test_a_killed_run_is_retried_and_ends_as_if_never_killed(ray_address, data, 
     assert "walker2d_a__seed1 ended with signal SIGKILL; retry 1 of 3" in out
     alone = tmp_path / "alone"
     single = run([sys.executable, str(SCRIPT), f"--dataset={dataset}", "--seed=1", f"--log-dir={alone}",
-                  "--max-steps=400", "--eval-every=100", "--threads=1", *SMALL])
+                  "--max-steps=400", "--eval-every=100", "--checkpoint-every=100", "--threads=1", *SMALL])
     assert single.returncode == 0, single.stderr
     a, b = log_dir / "walker2d_a__seed1", alone / "walker2d_a__seed1"
     assert (a / "metrics.csv").read_bytes() == (b / "metrics.csv").read_bytes()
@@ -221,3 +222,49 @@ def test_a_single_run_does_not_import_ray(data, tmp_path):
             "'--eval-every=20', '--eval-episodes=1', '--gpu=-1']); print('exit', code, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "exit 0 False", out.stderr
+
+
+def test_a_sweep_started_twice_on_one_log_folder_trains_each_run_once(ray_address, data, tmp_path):
+    cmd = sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5"], "0-1", 600, 100)
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 300
+    while not (tmp_path / "walker2d_a__seed0" / "metrics.csv").exists():
+        assert first.poll() is None and time.time() < deadline, first.communicate()
+        time.sleep(0.05)
+    second = run(cmd)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert second.stderr.strip().splitlines() == [
+        f"bear-train.py: error: --log-dir={tmp_path} is in use: process {first.pid} is running a sweep in {tmp_path}; "
+        "wait for that sweep to end (the same command then continues what is unfinished)"]
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, out + err
+    for seed in (0, 1):
+        assert (tmp_path / "sweep-logs" / f"walker2d_a__seed{seed}.log").read_text().count("=== started") == 1
+        assert json.loads((tmp_path / f"walker2d_a__seed{seed}" / "results.json").read_text())["steps"] == 600
+    assert not (tmp_path / ".sweep.lock").exists()
+
+
+def test_a_run_that_crashes_is_retried_once_then_reported(ray_address, data, tmp_path):
+    cmd = sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5"], "0-1", 100, 100)
+    assert run(cmd).returncode == 0
+    (tmp_path / "walker2d_a__seed1" / "checkpoint-000000100.pt").write_bytes(b"not a checkpoint")  # a disk's fault
+    out = run(sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5"], "0-1", 200, 100))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "walker2d_a__seed1 crashed (bear-train.py: crashed: " in out.stdout and "retrying it once" in out.stdout
+    assert "FAILED walker2d_a__seed1: crashed twice: bear-train.py: crashed: " in out.stderr
+    log = (tmp_path / "sweep-logs" / "walker2d_a__seed1.log").read_text()
+    assert log.count("=== started") == 3  # the first sweep, then the attempt and its one retry
+    assert "Traceback" not in log  # the tracebacks are in the run folder
+    assert "Traceback (most recent call last)" in (tmp_path / "walker2d_a__seed1" / "error.log").read_text()
+    assert json.loads((tmp_path / "walker2d_a__seed0" / "results.json").read_text())["steps"] == 200
+
+
+def test_a_runs_cpus_hold_its_training_threads_and_its_evaluation_workers(bear):
+    assert bear.run_cpus(bear.Config(cpus_per_run=1), 0) == (1, 0)  # one core: evaluation in the training process
+    assert bear.run_cpus(bear.Config(cpus_per_run=4), 0) == (3, 1)  # a CPU run trains on 3, evaluates on 1
+    assert bear.run_cpus(bear.Config(cpus_per_run=4), 1) == (1, 3)  # a GPU run trains on 1, evaluates on 3
+    assert bear.run_cpus(bear.Config(cpus_per_run=4, eval_workers=2), 0.5) == (2, 2)
+    with pytest.raises(bear.UserError, match="cannot hold a training thread and 4 evaluation worker"):
+        bear.run_cpus(bear.Config(cpus_per_run=4, eval_workers=4), 0)
+    args = bear.run_command(bear.Config(), -1, 3, 1)
+    assert "--threads=3" in args and "--eval-workers=1" in args
