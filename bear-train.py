@@ -92,7 +92,9 @@ class Config:
     run_name: str = hp("", "name of the run folder; empty = <dataset>__seed<seed>")
     resume: bool = hp(False, "continue the run in its folder from the newest checkpoint")
     checkpoint_every: int = hp(5_000, "steps between checkpoints; also at the end and on SIGTERM/SIGINT")
-    compile: bool = hp(False, "torch.compile the update (with CUDA: CUDA graphs)")
+    compile: bool = hp(False, "torch.compile the update (graph breaks at every backward and optimiser step: see README)")
+    precision: str = hp("fp32", "matrix multiplies in fp32, or bf16 (bf16 inputs, float32 accumulation; the equations, "
+                                "weights and optimiser states stay float32): fast on AMX/AVX512-BF16 CPUs and GPUs")
     regen_steps: int = hp(1_000_000, "environment steps when a random dataset must be regenerated offline")
     regen_workers: int = hp(0, "processes that regenerate a random dataset; 0 = every core this process may use")
     offline: bool = hp(False, "never touch the network: a cached file, a regenerated random dataset, or an error "
@@ -815,7 +817,7 @@ class VAE(nn.Module):
                                      nn.Linear(hidden, action_dim))
 
     def decode_raw(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # z [B, L] -> [B, A]; [B, n, L] -> [B, n, A]
-        return self.decoder(self.dec_in(s, z))
+        return self.decoder(self.dec_in(s, z)).to(self.dec_in.linear.weight.dtype)
 
     def sample_raw(self, s: torch.Tensor, n: int) -> torch.Tensor:  # [B, n, A] raw actions of the behaviour model
         z = torch.randn(s.shape[0], n, self.latent_dim, device=s.device).clamp(-VAE_LATENT_CLIP, VAE_LATENT_CLIP)
@@ -823,7 +825,8 @@ class VAE(nn.Module):
 
     def loss(self, s: torch.Tensor, a: torch.Tensor, kl_weight: float) -> torch.Tensor:
         h = self.encoder(torch.cat([s, a], -1))
-        mean, log_std = self.mean(h), self.log_std(h).clamp(*VAE_LOG_STD_RANGE)
+        dtype = self.mean.weight.dtype  # the weights' (float32), also where the matrix multiplies ran in bf16
+        mean, log_std = self.mean(h).to(dtype), self.log_std(h).to(dtype).clamp(*VAE_LOG_STD_RANGE)
         std = log_std.exp()
         z = mean + std * torch.randn_like(std)  # [B, L]
         recon = torch.tanh(self.decode_raw(s, z))  # [B, A]
@@ -842,7 +845,8 @@ class Actor(nn.Module):
 
     def sample(self, s: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         h = self.trunk(s)
-        mu, std = self.mu(h), self.log_std(h).clamp(*ACTOR_LOG_STD_RANGE).exp()  # [B, A]
+        dtype = self.mu.weight.dtype
+        mu, std = self.mu(h).to(dtype), self.log_std(h).to(dtype).clamp(*ACTOR_LOG_STD_RANGE).exp()  # [B, A]
         eps = torch.randn(s.shape[0], n, mu.shape[-1], device=s.device, generator=generator)
         return mu[:, None] + std[:, None] * eps  # [B, n, A], reparameterised
 
@@ -870,7 +874,33 @@ class QEnsemble(nn.Module):
             h = state_first_layer(s, a, w1, b1).relu_()  # [B, H] or [B, n, H]
             h = torch.addmm(b2, h.view(-1, h.shape[-1]), w2).relu_()  # [B*n, H]
             q.append(torch.addmm(b3, h, w3).view(a.shape[:-1]))
-        return torch.stack(q)
+        return torch.stack(q).to(self.weights[0].dtype)
+
+
+# ---------------------------------------------------------------------------------------------- bf16 matrix multiplies
+# --precision=bf16: the networks' matrix multiplies (addmm, matmul, linear) take bf16 inputs and accumulate in
+# float32 (torch.autocast); every network hands its outputs back in its weights' dtype, float32 (the .to(dtype)
+# calls above, no-ops without autocast). So the equations that cancel or exponentiate (the kernels and the MMD, the target's min/max mix, the KL, the
+# dual step), the losses, the master weights, the optimisers' states and the Polyak average stay float32.
+BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}  # a CPU multiplies bf16 fast only with one of these
+
+
+def matmul_precision(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def bf16_slow(device: torch.device) -> str:
+    """Why bf16 matrix multiplies would be slow on `device` ('' when they are fast)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return "" if major >= 8 else f"compute capability {major}.{minor}: no bf16 tensor cores"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        flags = set()
+    return "" if flags & BF16_CPU_FLAGS else "this CPU reports neither AMX-BF16 nor AVX512-BF16: its bf16 matrix " \
+        "multiplies run on a slow generic path, much slower than float32 (benchmarks/speed.py --parts bf16)"
 
 
 # ============================================================================================== BEAR equations
@@ -939,8 +969,16 @@ class BEAR:
         self.step = torch.zeros((), dtype=torch.long, device=device)
         self.metric_sum = torch.zeros(len(METRICS), device=device)
         self.first_nonfinite = torch.full((len(LOSSES),), -1, dtype=torch.long, device=device)
-        self.update = torch.compile(self._update, mode="reduce-overhead" if device.type == "cuda" else None) \
+        if cfg.compile:  # the compiled update draws the eager update's random numbers: the same run, faster or not
+            import torch._inductor.config as inductor_config
+
+            inductor_config.fallback_random = True
+        self.step_fn = torch.compile(self._update, mode="reduce-overhead" if device.type == "cuda" else None) \
             if cfg.compile else self._update
+
+    def update(self, batch, warmup: bool) -> None:
+        with matmul_precision(self.cfg.precision, self.device):
+            self.step_fn(batch, warmup)
 
     def _update(self, batch, warmup: bool) -> None:
         cfg = self.cfg
@@ -1074,8 +1112,9 @@ class Evaluator:
         returns, active = np.zeros(len(self.envs)), np.ones(len(self.envs), bool)
         while active.any():
             live = np.flatnonzero(active)
-            actions = select_action(self.actor, self.critics, torch.from_numpy(obs[live]), self.cfg.eval_candidates,
-                                    generator).numpy()
+            with matmul_precision(self.cfg.precision, torch.device("cpu")):  # as in training
+                actions = select_action(self.actor, self.critics, torch.from_numpy(obs[live]), self.cfg.eval_candidates,
+                                        generator).numpy()
             for i, action in zip(live, actions):
                 next_obs, reward, terminated, truncated, _ = self.envs[i].step(self.target.to_env(action))
                 obs[i] = self.target.observe(next_obs)
@@ -1575,10 +1614,15 @@ def summarize(root: Path, run_dirs: list[Path] | None = None) -> str:
     configs = sorted(root.rglob("config.json")) if run_dirs is None else [d / "config.json" for d in run_dirs]
     for config_path in configs:
         run_dir = config_path.parent
-        config = json.loads(config_path.read_text())
+        try:
+            config = json.loads(config_path.read_text())
+            with open(run_dir / "metrics.csv", newline="") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, ValueError) as e:  # a run that never trained, or a folder that is not a run's
+            why = f"no {Path(e.filename).name}" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
+            print(f"skipped {run_dir} ({why}: it has not trained yet, or is not a run folder)", file=sys.stderr)
+            continue
         results_path = run_dir / "results.json"
-        with open(run_dir / "metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
         evals = series(rows, "eval_normalized_score")
         raw = not evals  # a dataset without reference scores: raw returns
         evals = evals or series(rows, "eval_return")
@@ -1945,6 +1989,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--env={cfg.env} is unknown; use one of {', '.join(ENVS)} (or leave it empty)")
     if cfg.kernel not in ("auto", *KERNELS):
         raise UserError(f"--kernel={cfg.kernel} is unknown; use laplacian, gaussian or auto")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise UserError(f"--precision={cfg.precision} is unknown; use fp32 or bf16")
     if cfg.actor_q not in ("min", "mean_var"):
         raise UserError(f"--actor-q={cfg.actor_q} is unknown; use min or mean_var")
     if cfg.gpu < -1:
@@ -2023,10 +2069,11 @@ def prepare_run_dir(cfg: Config, dataset_name: str) -> tuple[Path, bool]:
     base = log_dir / (cfg.run_name or run_folder_name(dataset_name, cfg.seed))
     if cfg.resume and base.is_dir() and (base / "config.json").exists():
         saved = json.loads((base / "config.json").read_text())
-        changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
+        defaults = dataclasses.asdict(Config())  # a setting the run predates has its default
+        changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k, defaults[k]) != v]
         if changed:
             k = changed[0]
-            raise UserError(f"--resume: {base} was started with --{k.replace('_', '-')}={saved.get(k)}, not {getattr(cfg, k)}; "
+            raise UserError(f"--resume: {base} was started with --{k.replace('_', '-')}={saved.get(k, defaults[k])}, not {getattr(cfg, k)}; "
                             "resume with the run's own settings")
         return base, True
     return base, False  # claimed() moves it to the next free name: never overwrite another run
@@ -2068,6 +2115,9 @@ def train(cfg: Config) -> dict:
     t_load = time.time()
     loaded = load_data(spec, is_offline(cfg), cfg.regen_steps, cfg.regen_workers, cfg.gamma)
     device = pick_device(cfg.gpu)  # after the data: no CUDA before regeneration forks its workers
+    if cfg.precision == "bf16" and device.type == "cuda" and (why := bf16_slow(device)):
+        raise UserError(f"--precision=bf16 needs a GPU with bf16 tensor cores (compute capability 8.0 or newer); "
+                        f"{device} has {why.split(':')[0]}: use --precision=fp32")
     with claimed(run_dir, resuming) as run_dir, Run(cfg, spec, loaded, device, run_dir, resuming, t_load) as run:
         agent, buffer = run.agent, run.buffer
         for step in range(run.start + 1, cfg.max_steps + 1):
@@ -2122,6 +2172,9 @@ class Run:
                 "device": str(device), "probe_pairs": len(probe), "probe_return": self.probe_return,
                 "q_bound": self.q_bound})
         self.logger = Logger(run_dir, cfg, self.state["csv_offset"], f"BEAR {spec.name} seed {cfg.seed}", self.q_bound)
+        self.precision_note = bf16_slow(device) if cfg.precision == "bf16" else ""
+        if self.precision_note:
+            warn(f"--precision=bf16 on {device}: {self.precision_note}; training goes on in bf16 (results.json says so)")
         workers = eval_workers(cfg, device)
         print(f"evaluation: {f'{workers} worker process(es), {cfg.eval_threads} thread(s) each' if workers else 'in the training process'}"
               f" ({usable_cpus()} usable cores, training on {device} with {torch.get_num_threads()} thread(s))", flush=True)
@@ -2181,7 +2234,8 @@ class Run:
         state["trained_steps"] += step - state["last_log"]
         values = {"step": step} | {k: v / (step - state["last_log"]) for k, v in zip(METRICS, sums)}
         if self.probe_return is not None:
-            values |= q_vs_return(agent.critics, *self.probe, self.probe_return)
+            with matmul_precision(self.cfg.precision, self.device):
+                values |= q_vs_return(agent.critics, *self.probe, self.probe_return)
         state["last_log"] = step
         item = {"step": step, "values": values, "rate": rate}
         self.queue.append(item)
@@ -2258,6 +2312,7 @@ class Run:
             "final_return": returns[-1], "best_return": max(returns),
             "wall_clock_seconds": round(state["elapsed"], 2),
             "train_steps_per_second": round(state["trained_steps"] / max(state["train_seconds"], 1e-9), 2),
+            "precision": self.cfg.precision, "precision_note": self.precision_note,
             "eval_workers": self.pool.n, "eval_wait_seconds": round(state["eval_wait_seconds"] - final_wait, 2),
             "final_eval_wait_seconds": round(final_wait, 2),
             "device": str(self.device), "dataset_source": loaded.source, "dataset_file": str(loaded.file),

@@ -20,9 +20,8 @@ from d3rlpy.torch_utility import TorchMiniBatch  # noqa: E402
 
 
 def main():
-    run = speed.d3rlpy_stepper(argparse.Namespace(threads=2, k=2, batch=256, warmup=0))
-    cells = {type(c.cell_contents).__name__: c.cell_contents for c in run.__closure__}
-    impl, batch = cells["BEAR"].impl, cells["TransitionMiniBatch"]
+    run = speed.d3rlpy_stepper(argparse.Namespace(threads=2, k=2, batch=256, warmup=0, device="cpu"))
+    impl, batch = run.algo.impl, run.batch
     batch = TorchMiniBatch.from_batch(batch, gamma=0.99, compute_returns_to_go=False, device="cpu:0")
     params = list(impl._modules.policy.parameters())
 

@@ -65,7 +65,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-steps", type=int, default=20_000, help="environment steps of each dataset")
     p.add_argument("--steps", type=int, default=2_000, help="gradient steps of each run")
+    p.add_argument("--small", action="store_true", help="8-wide networks, 300 data steps, 10 gradient steps (the test "
+                                                         "suite's smoke test)")
     args = p.parse_args()
+    small = ["--actor-hidden=8", "--critic-hidden=8", "--vae-hidden=8", "--batch-size=8", "--eval-candidates=4",
+             "--eval-episodes=2"] if args.small else []
+    if args.small:
+        args.data_steps, args.steps = 300, 10
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MINARI_DATASETS_PATH"] = str(Path(tmp) / "minari")
         print("| dataset | evaluation env | transitions | steps | final return | best return | normalised | steps/s |")
@@ -74,7 +80,7 @@ def main():
             make_random_dataset(dataset_id, env_id, args.data_steps)
             out = subprocess.run([sys.executable, str(ROOT / "bear-train.py"), f"--dataset={dataset_id}", "--offline",
                                   f"--max-steps={args.steps}", f"--warmup-steps={args.steps // 2}",
-                                  f"--eval-every={args.steps // 2}", "--gpu=-1", f"--log-dir={tmp}/runs"],
+                                  f"--eval-every={args.steps // 2}", "--gpu=-1", f"--log-dir={tmp}/runs", *small],
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{dataset_id} failed:\n{out.stderr[-2000:]}")

@@ -98,7 +98,7 @@ def make_agent(args, **config):
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    cfg = bear.Config(num_critics=args.k, **(TINY_NETS if args.tiny else {}) | config)
+    cfg = bear.Config(num_critics=args.k, precision=args.precision, **(TINY_NETS if args.tiny else {}) | config)
     return bear, bear.BEAR(cfg, OBS, ACT, "laplacian", device)
 
 
@@ -170,8 +170,9 @@ def d3rlpy_stepper(args):
     algo = config.create(device=args.device if ":" in args.device else f"{args.device}:0")
     algo.build_with_dataset(dataset)
     batch = dataset.sample_transition_batch(args.batch)
-    return timed(lambda fixed: algo.update(batch if fixed else dataset.sample_transition_batch(args.batch)),
-                 args.warmup)
+    run = timed(lambda fixed: algo.update(batch if fixed else dataset.sample_transition_batch(args.batch)), args.warmup)
+    run.algo, run.batch = algo, batch  # for benchmarks/d3rlpy_actor_gradient.py
+    return run
 
 
 def gemm_shapes(k=2, batch=256, n=4, n_t=10, s=OBS, a=ACT, hv=750, ha=256, hc=256):
@@ -228,8 +229,9 @@ def flops_stepper(args):
     import torch
 
     torch.set_num_threads(args.threads)
-    mats = [(torch.randn(m, i), torch.randn(i, o)) for m, i, o, count in gemm_shapes(k=args.k, batch=args.batch)
-            for _ in range(count)]
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32  # bf16 inputs; float32 accumulation inside
+    mats = [(torch.randn(m, i, dtype=dtype), torch.randn(i, o, dtype=dtype))
+            for m, i, o, count in gemm_shapes(k=args.k, batch=args.batch) for _ in range(count)]
 
     def matmuls(fixed):
         for x, w in mats:
@@ -452,7 +454,7 @@ def row(name, value, note=""):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = ["update", "d3rlpy", "flops", "scaling", "script", "eval", "data", "regen", "evalpool", "device"]
+    parts = ["update", "d3rlpy", "flops", "scaling", "script", "eval", "data", "regen", "evalpool", "device", "bf16"]
     p.add_argument("--parts", nargs="+", default=parts[:7], choices=parts)
     p.add_argument("--rounds", type=int, default=15, help="A B rounds; medians are reported")
     p.add_argument("--block", type=int, default=10, help="updates per timed block in the A B rounds")
@@ -475,6 +477,7 @@ def main():
     p.add_argument("--compile", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--file", default="", help=argparse.SUPPRESS)
     p.add_argument("--regen-workers", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
@@ -597,6 +600,8 @@ def main():
                 f"{one['transitions']} and {one['terminals']} in this run")
     if "evalpool" in args.parts:
         evalpool_part(args, tiny)
+    if "bf16" in args.parts:
+        bf16_part(args, tiny)
     if "device" in args.parts:
         device_part(args, tiny)
 
@@ -662,6 +667,40 @@ def evalpool_part(args, tiny) -> None:
         f"same run; {len(cores)} usable cores")
     row("evaluation in the training process, wall time over evaluation off", f"{walls['in process'] / walls['off']:.3f}x",
         "same run (--eval-workers=0)")
+
+
+def bf16_part(args, tiny) -> None:
+    """--precision=bf16 against fp32, A B alternating in one run: the update, the step's matmuls alone in each dtype
+    (the arithmetic limits) and d3rlpy 2.8.1 (fp32) when its venv is there."""
+    servers = {"fp32": Server("bear", tiny=tiny), "bf16": Server("bear", tiny=tiny, precision="bf16"),
+               "fp32 matmuls": Server("matmuls", batch=8 if tiny else 256),
+               "bf16 matmuls": Server("matmuls", batch=8 if tiny else 256, precision="bf16")}
+    if Path(args.d3rlpy_python).exists():
+        servers["d3rlpy"] = Server("d3rlpy", python=args.d3rlpy_python, batch=8 if tiny else 256)
+    names = list(servers)
+    rate = {name: [] for name in names}
+    for r in range(args.rounds):  # A B A B ..., rotating which goes first
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            rate[name].append(servers[name].steps_per_s(args.block))
+    for server in servers.values():
+        server.close()
+    median = {name: statistics.median(v) for name, v in rate.items()}
+    how = f"median of {args.rounds} blocks of {args.block} updates, A B alternating"
+    row("BEAR update, fp32 (steps/s)", f"{median['fp32']:.1f}", how)
+    row("BEAR update, --precision=bf16 (steps/s)", f"{median['bf16']:.1f}", how)
+    paired = [b / f for b, f in zip(rate["bf16"], rate["fp32"])]
+    row("bf16 over fp32", f"{statistics.median(paired):.2f}x", f"median of the per-round ratios; this CPU: "
+        f"{cpu_flags()}; bf16 is fast only with amx_bf16 or avx512_bf16")
+    for dtype in ("fp32", "bf16"):
+        fraction = [x / y for x, y in zip(rate[dtype], rate[f"{dtype} matmuls"])]
+        row(f"{dtype} arithmetic limit (steps/s)", f"{median[f'{dtype} matmuls']:.1f}",
+            f"the step's matmuls alone in {dtype}; the update reaches {statistics.median(fraction):.0%} of it")
+    if "d3rlpy" in rate:
+        paired = [b / d for b, d in zip(rate["bf16"], rate["d3rlpy"])]
+        row("bf16 update over d3rlpy 2.8.1 (fp32), same run", f"{statistics.median(paired):.2f}x",
+            f"d3rlpy {median['d3rlpy']:.1f} steps/s")
+    else:
+        row("d3rlpy 2.8.1 BEAR", "skipped", f"no interpreter at {args.d3rlpy_python} (see README)")
 
 
 def children(pid: int) -> list[int]:

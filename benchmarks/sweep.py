@@ -30,7 +30,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=500, help="gradient steps of each run (default hyperparameters)")
     p.add_argument("--runs", type=int, default=4)
+    p.add_argument("--small", action="store_true", help="8-wide networks and 2 runs (the test suite's smoke test)")
     args = p.parse_args()
+    if args.small:
+        args.runs = 2
     cores = len(os.sched_getaffinity(0))
     print(f"machine: {cores} usable cores; {args.runs} runs of {args.steps} steps, default networks, warm-up 0, "
           "one evaluation of 2 episodes at the end\n")
@@ -51,7 +54,8 @@ def main():
         data = Path(tmp) / "walker2d_bench.hdf5"
         write_d4rl_file(data, n=20_000)
         common = [f"--dataset={data}", f"--max-steps={args.steps}", f"--eval-every={args.steps}", "--eval-episodes=2",
-                  "--warmup-steps=0", "--gpu=-1"]
+                  "--warmup-steps=0", "--gpu=-1"] + (["--actor-hidden=8", "--critic-hidden=8", "--vae-hidden=8",
+                                                      "--batch-size=8", "--eval-candidates=4"] if args.small else [])
         env = dict(os.environ, RAY_ADDRESS="")
         one_by_one = sum(timed([sys.executable, str(SCRIPT), *common, f"--seed={seed}", f"--threads={cores}",
                                 f"--log-dir={tmp}/alone"], env) for seed in range(args.runs))

@@ -35,7 +35,13 @@ def test_reference_command_on_a_cached_file(tmp_path):
     run_dir = tmp_path / "runs" / "walker2d-random-v2__seed0"
     results = json.loads((run_dir / "results.json").read_text())
     assert math.isfinite(results["final_normalized_score"]) and math.isfinite(results["best_normalized_score"])
-    assert results["best_normalized_score"] >= results["final_normalized_score"]
+    scores = [float(row.split(",")[-1]) for row in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert results["final_normalized_score"] == pytest.approx(scores[-1], rel=1e-8)  # the last evaluation's
+    assert results["best_normalized_score"] == pytest.approx(max(scores), rel=1e-8)  # the best evaluation's
+    returns = [float(row.split(",")[-2]) for row in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert results["final_return"] == pytest.approx(returns[-1], rel=1e-8)
+    assert results["best_return"] == pytest.approx(max(returns), rel=1e-8)
+    assert scores[-1] == pytest.approx(100 * (returns[-1] - 1.629008) / (4592.3 - 1.629008), rel=1e-6)  # D4RL's constants
     assert results["steps"] == 300 and results["dataset_source"] == "cache" and results["device"] == "cpu"
     assert "bytes, D4RL publishes 216109364" in results["dataset_notes"][0]  # the small file's size is recorded
     assert results["comparable_with_published"] is False

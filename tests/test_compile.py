@@ -34,3 +34,29 @@ def test_compiled_update_matches_eager(bear):
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(compiled_params, eager_params, rtol=1e-4, atol=1e-5)
     assert not torch.equal(eager[0], eager[-1])  # the steps did change something
+
+
+def test_compile_through_the_command_line_gives_the_eager_runs_numbers(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    from conftest import SCRIPT, write_d4rl_file
+
+    data = tmp_path / "walker2d_c.hdf5"
+    write_d4rl_file(data, n=400)
+    args = [sys.executable, str(SCRIPT), f"--dataset={data}", f"--log-dir={tmp_path}", "--max-steps=8",
+            "--warmup-steps=4", "--log-every=4", "--eval-every=8", "--actor-hidden=8", "--critic-hidden=8",
+            "--vae-hidden=8", "--batch-size=8", "--eval-episodes=1", "--eval-candidates=4", "--gpu=-1",
+            "--eval-workers=0", "--threads=1"]
+    rows = {}
+    for name, flag in (("eager", "--no-compile"), ("compiled", "--compile")):
+        out = subprocess.run(args + [flag, f"--run-name={name}"], capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        with open(tmp_path / name / "metrics.csv", newline="") as f:
+            rows[name] = list(csv.DictReader(f))
+    assert len(rows["compiled"]) == len(rows["eager"]) == 2
+    assert __import__("json").loads((tmp_path / "compiled" / "config.json").read_text())["compile"] is True
+    for eager, compiled in zip(rows["eager"], rows["compiled"]):  # both warm-up and post-warm-up steps
+        for key in ("vae_loss", "critic_loss", "actor_loss", "alpha", "mmd", "q_mean", "q_data"):
+            assert float(compiled[key]) == pytest.approx(float(eager[key]), rel=1e-4, abs=1e-6), key

@@ -65,15 +65,18 @@ def test_transitions_skip_timeouts_keep_terminals_and_drop_the_last_row(bear, tm
 
 
 def test_terminals_stored_as_column(bear, tmp_path):
+    """(N, 1) terminals and timeouts give the transitions of the (N,) ones, and are read as flags, not rows."""
     path = tmp_path / "hopper_col.hdf5"
     arrays = write_d4rl_file(path, n=100, obs_dim=11, act_dim=3, episode_len=10)
-    arrays2 = write_d4rl_file(tmp_path / "hopper_col2.hdf5", n=100, obs_dim=11, act_dim=3, episode_len=10,
-                              terminals=arrays["terminals"][:, None], timeouts=arrays["timeouts"][:, None])
+    write_d4rl_file(tmp_path / "hopper_col2.hdf5", n=100, obs_dim=11, act_dim=3, episode_len=10,
+                    terminals=arrays["terminals"][:, None], timeouts=arrays["timeouts"][:, None])
     a, b = bear.to_transitions(bear.read_d4rl(path, "hopper")), bear.to_transitions(bear.read_d4rl(tmp_path / "hopper_col2.hdf5", "hopper"))
-    assert arrays2 is not None
+    assert sorted(a) == sorted(b)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
-    bear.read_d4rl(tmp_path / "hopper_col2.hdf5", "hopper")
+    # 10 episodes of 10 rows: 5 end in a timeout (dropped rows), 5 in a termination; the last row is dropped too
+    assert len(b["rewards"]) == 99 - 5 and b["terminals"].shape == (94,) and b["terminals"].sum() == 4
+    np.testing.assert_array_equal(b["terminals"], arrays["terminals"][np.flatnonzero(~arrays["timeouts"][:99])])
 
 
 @pytest.mark.parametrize("change, message", [
@@ -120,14 +123,28 @@ def test_path_dataset_infers_env_from_file_name(bear, tmp_path):
 
 
 def test_replay_buffer_samples_on_the_device(bear, tmp_path):
+    """Every sampled transition is one row of the data: its action, reward, next state and done are its state's."""
     import torch
 
+    obs = np.random.default_rng(0).normal(size=(300, 17)).astype(np.float32)
+    obs[:, 0] = np.arange(300)  # a row's number, to find it again
     path = tmp_path / "walker2d_b.hdf5"
-    write_d4rl_file(path, n=300)
-    buffer = bear.ReplayBuffer(bear.to_transitions(bear.read_d4rl(path, "walker2d")), torch.device("cpu"))
-    s, a, r, s2, d = buffer.sample(64)
-    assert s.shape == (64, 17) and a.shape == (64, 6) and r.shape == (64,) and s2.shape == (64, 17) and d.shape == (64,)
+    write_d4rl_file(path, n=300, observations=obs)
+    data = bear.to_transitions(bear.read_d4rl(path, "walker2d"))
+    buffer = bear.ReplayBuffer(data, torch.device("cpu"))
+    torch.manual_seed(0)
+    s, a, r, s2, d = buffer.sample(256)
+    assert s.shape == (256, 17) and a.shape == (256, 6) and r.shape == (256,) and s2.shape == (256, 17) and d.shape == (256,)
     assert s.dtype == a.dtype == r.dtype == d.dtype == torch.float32
+    row_of = {int(v): i for i, v in enumerate(data["observations"][:, 0])}
+    rows = [row_of[int(v)] for v in s[:, 0]]
+    assert len(set(rows)) > 100  # uniform with replacement over the data
+    np.testing.assert_array_equal(s.numpy(), data["observations"][rows])
+    np.testing.assert_array_equal(a.numpy(), data["actions"][rows])
+    np.testing.assert_array_equal(r.numpy(), data["rewards"][rows])
+    np.testing.assert_array_equal(s2.numpy(), data["next_observations"][rows])
+    np.testing.assert_array_equal(d.numpy(), data["terminals"][rows])
+    assert d.sum() > 0 and (d == 0).sum() > 0  # both kinds were drawn, so a done from another row would show
 
 
 def test_regeneration_follows_d4rls_random_recipe(bear, tmp_path):

@@ -157,3 +157,33 @@ def test_an_existing_file_is_a_path_and_otherwise_an_id_is_minari(bear, tmp_path
     assert bear.resolve_dataset("walker2d-medium-v2").url  # a D4RL name stays D4RL
     with pytest.raises(bear.UserError, match="does not exist"):
         bear.resolve_dataset("data/walker2d.hdf5")
+
+
+def test_evaluation_acts_in_the_environments_own_action_range(bear, tmp_path, monkeypatch):
+    """Pendulum's actions lie in [-2, 2]: the policy acts in [-1, 1] and evaluation scales its actions back (to_env)
+    before they reach the environment."""
+    import torch
+
+    root = tmp_path / "minari"
+    write_minari_dataset(root, "test/pendulum/acting-v0", "Pendulum-v1", [(30, "trunc")])
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    loaded = bear.load_data(bear.resolve_dataset("test/pendulum/acting-v0"), offline=True)
+    received = []
+    make = type(loaded.target).make
+
+    def recording_make(target):
+        env = make(target)
+        step = env.step
+        env.step = lambda action: received.append(np.array(action)) or step(action)
+        return env
+
+    monkeypatch.setattr(type(loaded.target), "make", recording_make)
+    cfg = bear.Config(actor_hidden=8, critic_hidden=8, vae_hidden=8, eval_episodes=2, eval_candidates=4)
+    agent = bear.BEAR(cfg, 3, 1, "laplacian", torch.device("cpu"))
+    with torch.no_grad():  # a policy that always acts at the top of its range: tanh(8) = 0.99999977
+        agent.actor.mu.weight.zero_()
+        agent.actor.mu.bias.fill_(8.0)
+        agent.actor.log_std.bias.fill_(-20.0)
+    returns = bear.Evaluator(loaded.target, cfg, 3, 1)(bear.eval_snapshot(agent), 10)
+    assert len(returns) == 2 and len(received) == 2 * 200  # Pendulum's 200-step episodes
+    np.testing.assert_allclose(np.concatenate(received), 2.0, rtol=1e-5)  # the environment's top, not the policy's 1

@@ -88,6 +88,23 @@ def test_the_file_is_the_same_for_1_2_and_3_workers(bear, tmp_path):
     np.testing.assert_array_equal(first["observations"], arrays["observations"][:n])
 
 
+# The recipe, pinned: 2 500 steps of hopper-random in 2 chunks reproduce these arrays exactly (sha256 of
+# observations, actions, rewards, terminals and timeouts, in that order). A change to the recipe fails here until
+# REGEN_RECIPE is bumped (so that cached files of the old recipe are made again) and the digest is updated with it.
+PINNED_RECIPE = (2, "0b9f8e94df935112d0a18c4f4f402029eba2a11291683811fc77a4cf42b3f00c")
+
+
+def test_the_recipe_is_pinned_by_a_digest(bear, tmp_path):
+    import hashlib
+
+    assert bear.regen_chunks(2500) == [(1250, 0, True), (1250, 10_007, False)]
+    bear.regenerate_random(bear.resolve_dataset("hopper-random-v2"), 2500, tmp_path / "pinned.hdf5", workers=1)
+    arrays, _ = read_all(tmp_path / "pinned.hdf5", bear.KEYS)
+    digest = hashlib.sha256(b"".join(arrays[k].tobytes() for k in bear.KEYS)).hexdigest()
+    assert (bear.REGEN_RECIPE, digest) == PINNED_RECIPE, \
+        "the regeneration recipe changed: bump REGEN_RECIPE and pin the new digest together"
+
+
 def test_every_usable_core_by_default_and_a_cap(tmp_path):
     cores = len(os.sched_getaffinity(0))
     out = subprocess.run([sys.executable, str(SCRIPT), "--dataset=hopper-random-v2", "--offline", "--regen-steps=3000",

@@ -126,3 +126,18 @@ def test_wandb_flag_without_the_package_is_a_one_line_error(tmp_path):
         pass
     out = run("--wandb", "--gpu=-1", cwd=tmp_path)
     assert out.returncode == 2 and "pip install wandb" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_summarize_skips_a_run_that_has_not_trained_yet_with_a_note(two_seeds, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(two_seeds / "runs" / "hopper_tiny__seed0", runs / "hopper_tiny__seed0")
+    (runs / "hopper_tiny__seed1").mkdir()  # started, stopped before its first row: config.json, no metrics.csv
+    shutil.copy(two_seeds / "runs" / "hopper_tiny__seed1" / "config.json", runs / "hopper_tiny__seed1")
+    out = run(f"--summarize={runs}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "| hopper_tiny | 1 | 80 |" in out.stdout
+    assert out.stderr.strip().splitlines() == [f"skipped {runs / 'hopper_tiny__seed1'} (no metrics.csv: it has not "
+                                               "trained yet, or is not a run folder)"]
+    shutil.rmtree(runs / "hopper_tiny__seed0")
+    out = run(f"--summarize={runs}", cwd=tmp_path)
+    assert out.returncode == 2 and "no runs with an evaluation" in out.stderr and "Traceback" not in out.stderr

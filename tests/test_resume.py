@@ -1,6 +1,7 @@
 """A run never wastes compute: checkpoints, exact resume after SIGKILL or SIGTERM, determinism, divergence."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import torch
 from conftest import SCRIPT, write_d4rl_file
 
 SMALL = ["--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=64", "--batch-size=64", "--warmup-steps=100",
-         "--log-every=25", "--eval-episodes=1", "--eval-candidates=10", "--gpu=-1"]
+         "--log-every=25", "--eval-episodes=1", "--eval-candidates=10", "--gpu=-1",
+         "--eval-workers=0"]  # in the training process, which then cannot run ahead (tests/test_evalpool.py: the pool)
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +101,17 @@ def test_sigterm_saves_exits_75_and_resumes_exactly(dataset, reference, tmp_path
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(run_dir(tmp_path) / "checkpoint-000000100.pt", proc)
     time.sleep(0.2)
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir(tmp_path).glob("checkpoint-*.pt")}
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
     assert "--resume" in err
-    steps = [int(p.stem.split("-")[1]) for p in run_dir(tmp_path).glob("checkpoint-*.pt")]
-    assert max(steps) > 100 or steps == [100]
+    stopped = int(re.search(r"stopped by signal at step (\d+); checkpoint saved", err)[1])
+    saved = run_dir(tmp_path) / f"checkpoint-{stopped:09d}.pt"  # written by the signal, not an earlier one
+    assert saved.stat().st_mtime_ns != before.get(saved.name)
+    state = torch.load(saved, weights_only=False)
+    assert state["step"] == stopped and "pending" in state["state"]  # the signal's own checkpoint
+    assert stopped > 100 and stopped == max(int(p.stem.split("-")[1]) for p in run_dir(tmp_path).glob("checkpoint-*.pt"))
     out = run(cmd + ["--resume"])
     assert out.returncode == 0, out.stderr
     assert (run_dir(tmp_path) / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
@@ -147,3 +154,17 @@ def test_non_finite_loss_stops_naming_term_and_step_and_keeps_the_checkpoint(tmp
     assert ckpt.read_bytes() == before
     assert sorted(p.name for p in folder.glob("checkpoint-*.pt")) == [ckpt.name]
     assert json.loads((folder / "results.json").read_text())["steps"] == 50  # the finished 50-step run's, untouched
+
+
+def test_the_first_step_with_the_q_term_is_warmup_steps_plus_one(bear, dataset, tmp_path, monkeypatch):
+    """train() hands the update warm-up = True for steps 1..warmup_steps, and False from warmup_steps + 1 on, also
+    across a resume."""
+    flags = []
+    real = bear.BEAR._update
+    monkeypatch.setattr(bear.BEAR, "_update", lambda self, batch, warmup: flags.append(warmup) or real(self, batch, warmup))
+    args = [f"--dataset={dataset}", f"--log-dir={tmp_path}", "--warmup-steps=7", "--eval-every=5",
+            "--checkpoint-every=5", "--log-every=5", "--actor-hidden=8", "--critic-hidden=8", "--vae-hidden=8",
+            "--batch-size=8", "--eval-episodes=1", "--eval-candidates=4", "--gpu=-1", "--eval-workers=0"]
+    assert bear.main(args + ["--max-steps=5"]) == 0
+    assert bear.main(args + ["--max-steps=12", "--resume"]) == 0  # steps 6-12 from the checkpoint of step 5
+    assert flags == [True] * 7 + [False] * 5

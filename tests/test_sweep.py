@@ -165,11 +165,13 @@ def test_each_run_trains_on_the_gpu_ray_gives_it(ray_address, data, tmp_path):
     cmd = sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5"], "0-1", 50, 50)
     out = run([*cmd, "--gpu=0"])
     assert out.returncode == 0, out.stdout + out.stderr
+    given = set()
     for seed in (0, 1):
         log = (tmp_path / "sweep-logs" / f"walker2d_a__seed{seed}.log").read_text()
-        assert any(f"CUDA_VISIBLE_DEVICES={gpu}\n" in log for gpu in ("0", "1")), log
+        given |= {gpu for gpu in ("0", "1") if f"CUDA_VISIBLE_DEVICES={gpu}\n" in log}
         assert json.loads((tmp_path / f"walker2d_a__seed{seed}" / "config.json").read_text())["gpu"] == 0
         assert "CUDA is not available here: training on the CPU" in log or "cuda" in log
+    assert given == {"0", "1"}  # the two runs ran side by side, each on a GPU of its own
 
 
 def test_a_bad_pair_fails_alone_with_its_reason(ray_address, data, tmp_path):
