@@ -4,9 +4,11 @@
     python bear-train.py --dataset=walker2d-random-v2,hopper-random-v2 --seed=0-4 --gpu=0   # a sweep on Ray
     python bear-train.py --dataset=mujoco/walker2d/medium-v0                                # a Minari dataset
 
-Reads top to bottom in the order of the data's path: hyperparameters, data (D4RL files, Minari datasets, data
-preparation at scale), networks, the BEAR update, evaluation, run bookkeeping (logs, checkpoints, plots, seed
-tables), the sweep on Ray, main. Importing it runs nothing.
+Reads top to bottom in the order of the paper: the hyperparameters, the networks, the BEAR equations, the BEAR
+update, evaluation (and its pool of workers, and the critics' Q against the data's returns), the training loop
+`train`. Then a banner, and the plumbing: errors and signals, the datasets (D4RL files, Minari datasets, data
+preparation at scale), run bookkeeping (logs, checkpoints, plots, locks), seed tables, the sweep on Ray, the command
+line and main. Importing it runs nothing.
 """
 import argparse
 import contextlib
@@ -36,14 +38,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+SECTIONS = []  # Config's sections in order: --help groups its flags under them
+
+
+def section(title: str) -> None:
+    SECTIONS.append(title)
+
+
 def hp(default, help):
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help, "section": SECTIONS[-1]})
 
 
 # ============================================================================================== hyperparameters
 @dataclass
 class Config:
-    # run
+    section("run")
     dataset: str = hp("walker2d-random-v2", "D4RL MuJoCo name (v0/v1/v2), path to an HDF5 file in D4RL's layout, or "
                                             "Minari id (mujoco/walker2d/medium-v0); several, comma-separated, make a sweep")
     env: str = hp("", "for a dataset path: walker2d | hopper | halfcheetah | ant (empty = from the file name)")
@@ -53,7 +62,15 @@ class Config:
     max_steps: int = hp(1_000_000, "gradient steps")
     warmup_steps: int = hp(40_000, "first steps in which the actor minimises only the MMD constraint")
     batch_size: int = hp(256, "transitions per gradient step, sampled uniformly with replacement")
-    # BEAR
+    threads: int = hp(0, "torch CPU threads; 0 = torch's default")
+    precision: str = hp("fp32", "matrix multiplies in fp32, or bf16 (bf16 inputs, float32 accumulation; the equations, "
+                                "weights and optimiser states stay float32): fast on AMX/AVX512-BF16 CPUs and GPUs")
+    compile: bool = hp(False, "torch.compile the update (graph breaks at every backward and optimiser step: see README)")
+    run_name: str = hp("", "name of the run folder; empty = <dataset>__seed<seed>")
+    resume: bool = hp(False, "continue the run in its folder from the newest checkpoint")
+    checkpoint_every: int = hp(5_000, "steps between checkpoints; also at the end and on SIGTERM/SIGINT")
+    summarize: str = hp("", "print seed tables and curves for the runs under this folder, then exit")
+    section("BEAR")
     gamma: float = hp(0.99, "discount")
     tau: float = hp(0.005, "Polyak rate of the target critics")
     num_critics: int = hp(2, "K, members of the Q ensemble")
@@ -68,7 +85,7 @@ class Config:
     log_alpha_init: float = hp(0.0, "initial log alpha of the Lagrange dual variable")
     log_alpha_min: float = hp(-5.0, "log alpha is clamped to [log_alpha_min, log_alpha_max] after every update")
     log_alpha_max: float = hp(10.0, "upper clamp of log alpha (alpha <= e^10)")
-    # networks and optimisers
+    section("networks and optimisers")
     actor_hidden: int = hp(256, "width of the actor's two hidden layers")
     critic_hidden: int = hp(256, "width of each critic's two hidden layers")
     vae_hidden: int = hp(750, "width of the behaviour VAE's encoder and decoder hidden layers; latent = 2*|A|")
@@ -77,32 +94,25 @@ class Config:
     critic_lr: float = hp(3e-4, "Adam learning rate of the critics")
     vae_lr: float = hp(3e-4, "Adam learning rate of the behaviour VAE")
     alpha_lr: float = hp(1e-3, "Adam learning rate of log alpha")
-    # evaluation and logging
+    section("evaluation and logging")
     eval_every: int = hp(1_000, "evaluate every this many steps, and at the end (the reference schedule)")
     eval_episodes: int = hp(10, "episodes per evaluation, run side by side")
+    eval_candidates: int = hp(100, "actions sampled per state at evaluation; the highest ensemble-mean Q is taken")
     eval_workers: int = hp(-1, "evaluation worker processes, which evaluate while training goes on; 0 = in the "
                                "training process, which waits; -1 = the cores this process may use minus training's "
                                "(its --threads on the CPU, one core on a GPU), at least 1")
     eval_threads: int = hp(1, "torch threads of each evaluation worker")
-    eval_candidates: int = hp(100, "actions sampled per state at evaluation; the highest ensemble-mean Q is taken")
     log_every: int = hp(1_000, "steps per metrics.csv row (means over the interval)")
     probe_size: int = hp(4096, "data pairs whose critics' Q is logged at every row against the pairs' discounted "
                                "Monte-Carlo return in the data; 0 = none")
     log_dir: str = hp("runs", "folder that holds one folder per run")
-    run_name: str = hp("", "name of the run folder; empty = <dataset>__seed<seed>")
-    resume: bool = hp(False, "continue the run in its folder from the newest checkpoint")
-    checkpoint_every: int = hp(5_000, "steps between checkpoints; also at the end and on SIGTERM/SIGINT")
-    compile: bool = hp(False, "torch.compile the update (graph breaks at every backward and optimiser step: see README)")
-    precision: str = hp("fp32", "matrix multiplies in fp32, or bf16 (bf16 inputs, float32 accumulation; the equations, "
-                                "weights and optimiser states stay float32): fast on AMX/AVX512-BF16 CPUs and GPUs")
+    wandb: bool = hp(False, "also log to Weights & Biases (needs the wandb package)")
+    section("data")
     regen_steps: int = hp(1_000_000, "environment steps when a random dataset must be regenerated offline")
     regen_workers: int = hp(0, "processes that regenerate a random dataset; 0 = every core this process may use")
     offline: bool = hp(False, "never touch the network: a cached file, a regenerated random dataset, or an error "
                               "saying where to put the file (also BEAR_OFFLINE=1)")
-    wandb: bool = hp(False, "also log to Weights & Biases (needs the wandb package)")
-    summarize: str = hp("", "print seed tables and curves for the runs under this folder, then exit")
-    threads: int = hp(0, "torch CPU threads; 0 = torch's default")
-    # sweep: several datasets or seeds, each pair one run, as Ray tasks
+    section("sweep (several datasets or seeds: each pair one run, as a Ray task)")
     ray_address: str = hp("", "Ray cluster to run a sweep on (auto, ray://host:10001); empty = RAY_ADDRESS, else a "
                               "local Ray instance")
     cpus_per_run: float = hp(1.0, "CPUs Ray reserves for each run of a sweep: its torch threads and its evaluation "
@@ -119,11 +129,646 @@ VAE_LATENT_CLIP = 0.5  # z ~ N(0, I) clipped element-wise when sampling the beha
 ACTOR_LOG_STD_RANGE = (-20.0, 2.0)
 MMD_JITTER = 1e-6  # MMD = sqrt(MMD^2 + 1e-6)
 
+
+# ============================================================================================== networks
+def mlp_trunk(inp: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
+
+
+def state_first_layer(s: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[s, x] @ w + b, with w [S + X, H]. One x per state (x [B, X] -> [B, H]): one matrix multiply on the
+    concatenation. n samples per state (x [B, n, X] -> [B, n, H]): the state part s @ w[:S] is computed once per
+    state and shared by the n samples."""
+    if x.dim() == 2:
+        return torch.addmm(b, torch.cat([s, x], -1), w)
+    state_dim = s.shape[-1]
+    return (x @ w[state_dim:]).add_(torch.addmm(b, s, w[:state_dim])[:, None])
+
+
+class StateFirstLayer(nn.Module):
+    """Linear([s, x]) as state_first_layer: the n samples of a state share its state part."""
+
+    def __init__(self, state_dim: int, other_dim: int, out: int):
+        super().__init__()
+        self.linear = nn.Linear(state_dim + other_dim, out)  # initialised exactly like the concatenated layer
+
+    def forward(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # x [B, X] -> [B, H]; [B, n, X] -> [B, n, H]
+        return state_first_layer(s, x, self.linear.weight.t(), self.linear.bias)
+
+
+class VAE(nn.Module):
+    """Behaviour model G: a conditional VAE whose decoder output is the raw (pre-tanh) action."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden: int):
+        super().__init__()
+        self.latent_dim = 2 * action_dim
+        self.encoder = mlp_trunk(state_dim + action_dim, hidden)
+        self.mean = nn.Linear(hidden, self.latent_dim)
+        self.log_std = nn.Linear(hidden, self.latent_dim)
+        self.dec_in = StateFirstLayer(state_dim, self.latent_dim, hidden)
+        self.decoder = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+                                     nn.Linear(hidden, action_dim))
+
+    def decode_raw(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # z [B, L] -> [B, A]; [B, n, L] -> [B, n, A]
+        return self.decoder(self.dec_in(s, z)).to(self.dec_in.linear.weight.dtype)
+
+    def sample_raw(self, s: torch.Tensor, n: int) -> torch.Tensor:  # [B, n, A] raw actions of the behaviour model
+        z = torch.randn(s.shape[0], n, self.latent_dim, device=s.device).clamp(-VAE_LATENT_CLIP, VAE_LATENT_CLIP)
+        return self.decode_raw(s, z)
+
+    def loss(self, s: torch.Tensor, a: torch.Tensor, kl_weight: float) -> torch.Tensor:
+        h = self.encoder(torch.cat([s, a], -1))
+        dtype = self.mean.weight.dtype  # the weights' (float32), also where the matrix multiplies ran in bf16
+        mean, log_std = self.mean(h).to(dtype), self.log_std(h).to(dtype).clamp(*VAE_LOG_STD_RANGE)
+        std = log_std.exp()
+        z = mean + std * torch.randn_like(std)  # [B, L]
+        recon = torch.tanh(self.decode_raw(s, z))  # [B, A]
+        kl = -0.5 * (1 + 2 * log_std - mean.pow(2) - std.pow(2)).mean()
+        return F.mse_loss(recon, a) + kl_weight * kl
+
+
+class Actor(nn.Module):
+    """pi: tanh-squashed Gaussian. Samples are returned pre-tanh (u); the action is tanh(u)."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden: int):
+        super().__init__()
+        self.trunk = mlp_trunk(state_dim, hidden)
+        self.mu = nn.Linear(hidden, action_dim)
+        self.log_std = nn.Linear(hidden, action_dim)
+
+    def sample(self, s: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        h = self.trunk(s)
+        dtype = self.mu.weight.dtype
+        mu, std = self.mu(h).to(dtype), self.log_std(h).to(dtype).clamp(*ACTOR_LOG_STD_RANGE).exp()  # [B, A]
+        eps = torch.randn(s.shape[0], n, mu.shape[-1], device=s.device, generator=generator)
+        return mu[:, None] + std[:, None] * eps  # [B, n, A], reparameterised
+
+
+class QEnsemble(nn.Module):
+    """K critics (s, a) -> 256 -> 256 -> 1, their weights stacked as [K, in, out]. With n actions per state
+    ([B, n, A]) the state part of the first layer is computed once per state. The members run one after another
+    as plain 2-D matrix multiplies: on the CPU that beat one batched bmm at K=2 and K=10 (benchmarks/speed.py);
+    with --compile on a GPU, CUDA graphs remove the per-member launch cost."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden: int, k: int):
+        super().__init__()
+        self.state_dim = state_dim
+        shapes = [(state_dim + action_dim, hidden), (hidden, hidden), (hidden, 1)]
+        self.weights = nn.ParameterList([nn.Parameter(torch.empty(k, i, o)) for i, o in shapes])
+        self.biases = nn.ParameterList([nn.Parameter(torch.empty(k, o)) for _, o in shapes])
+        for w, b in zip(self.weights, self.biases):  # nn.Linear's default init, member by member
+            bound = 1 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:  # a [B, A] -> [K, B]; [B, n, A] -> [K, B, n]
+        q = []
+        for w1, w2, w3, b1, b2, b3 in zip(*self.weights, *self.biases):
+            h = state_first_layer(s, a, w1, b1).relu_()  # [B, H] or [B, n, H]
+            h = torch.addmm(b2, h.view(-1, h.shape[-1]), w2).relu_()  # [B*n, H]
+            q.append(torch.addmm(b3, h, w3).view(a.shape[:-1]))
+        return torch.stack(q).to(self.weights[0].dtype)
+
+
+# ---------------------------------------------------------------------------------------------- bf16 matrix multiplies
+# --precision=bf16: the networks' matrix multiplies (addmm, matmul, linear) take bf16 inputs and accumulate in
+# float32 (torch.autocast); every network hands its outputs back in its weights' dtype, float32 (the .to(dtype)
+# calls above, no-ops without autocast). So the equations that cancel or exponentiate (the kernels and the MMD, the target's min/max mix, the KL, the
+# dual step), the losses, the master weights, the optimisers' states and the Polyak average stay float32.
+BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}  # a CPU multiplies bf16 fast only with one of these
+
+
+def matmul_precision(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def bf16_slow(device: torch.device) -> str:
+    """Why bf16 matrix multiplies would be slow on `device` ('' when they are fast)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return "" if major >= 8 else f"compute capability {major}.{minor}: no bf16 tensor cores"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        flags = set()
+    return "" if flags & BF16_CPU_FLAGS else "this CPU reports neither AMX-BF16 nor AVX512-BF16: its bf16 matrix " \
+        "multiplies run on a slow generic path, much slower than float32 (benchmarks/speed.py --parts bf16)"
+
+
+# ============================================================================================== BEAR equations
+# The kernels use torch.cdist: one operation forward and backward instead of a broadcast [B, n, m, A] difference,
+# which made the MMD's forward and backward about 40 % faster on the CPU.
+def laplacian_kernel(x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
+    """k(x, y) = exp(-||x - y||_1 / (2 sigma)) for all pairs: x [B, n, A], y [B, m, A] -> [B, n, m]."""
+    return torch.exp(-torch.cdist(x, y, p=1) / (2 * sigma))
+
+
+def gaussian_kernel(x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
+    """k(x, y) = exp(-||x - y||_2^2 / (2 sigma)) for all pairs: x [B, n, A], y [B, m, A] -> [B, n, m]."""
+    return torch.exp(-torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").pow(2) / (2 * sigma))
+
+
+KERNELS = {"laplacian": laplacian_kernel, "gaussian": gaussian_kernel}
+
+
+def mmd(x: torch.Tensor, y: torch.Tensor, kernel, sigma: float) -> torch.Tensor:
+    """MMD(s) = sqrt(mean k(x,x') + mean k(y,y') - 2 mean k(x,y) + 1e-6), means over all n x n pairs. -> [B]"""
+    mmd2 = kernel(x, x, sigma).mean((1, 2)) + kernel(y, y, sigma).mean((1, 2)) - 2 * kernel(x, y, sigma).mean((1, 2))
+    return torch.sqrt(mmd2 + MMD_JITTER)
+
+
+def critic_target(q_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, lam: float, gamma: float) -> torch.Tensor:
+    """q_next [K, B, N_t]: y = r + gamma (1 - d) max_j [lam min_k Q_k + (1 - lam) max_k Q_k]. -> [B]"""
+    mixed = lam * q_next.min(0).values + (1 - lam) * q_next.max(0).values  # [B, N_t]
+    return reward + gamma * (1 - done) * mixed.max(1).values
+
+
+def actor_q_term(q: torch.Tensor, rule: str, var_penalty: float) -> torch.Tensor:
+    """q [K, B] -> Q_hat [B]: min_k Q_k, or mean_k Q_k - tau_var var_k Q_k."""
+    if rule == "min":
+        return q.min(0).values
+    return q.mean(0) - var_penalty * q.var(0, unbiased=False)
+
+
+def dual_loss(log_alpha: torch.Tensor, mmd_value: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """-alpha (mean_B MMD - eps), on the actor's MMD detached: alpha grows while MMD > eps, shrinks below."""
+    return -(log_alpha.exp() * (mmd_value.detach().mean() - epsilon))
+
+
+# ============================================================================================== the BEAR update
+ADAM = {"fused": True}  # one kernel per optimiser step, on the CPU and on CUDA
+METRICS = ["vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "mmd", "q_mean"]
+LOSSES = METRICS[:4]
+
+
+class BEAR:
+    def __init__(self, cfg: Config, state_dim: int, action_dim: int, kernel: str, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.kernel = KERNELS[kernel]
+        self.vae = VAE(state_dim, action_dim, cfg.vae_hidden).to(device)
+        self.actor = Actor(state_dim, action_dim, cfg.actor_hidden).to(device)
+        self.critics = QEnsemble(state_dim, action_dim, cfg.critic_hidden, cfg.num_critics).to(device)
+        self.target_critics = QEnsemble(state_dim, action_dim, cfg.critic_hidden, cfg.num_critics).to(device)
+        self.target_critics.load_state_dict(self.critics.state_dict())
+        self.target_critics.requires_grad_(False)
+        self.polyak_pairs = (list(self.target_critics.parameters()), list(self.critics.parameters()))
+        self.log_alpha = torch.tensor(cfg.log_alpha_init, device=device, requires_grad=True)
+        self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=cfg.vae_lr, **ADAM)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr, **ADAM)
+        self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=cfg.critic_lr, **ADAM)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr, **ADAM)
+        # Device-side bookkeeping, read back once per logging interval: no host sync inside update().
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+        self.metric_sum = torch.zeros(len(METRICS), device=device)
+        self.first_nonfinite = torch.full((len(LOSSES),), -1, dtype=torch.long, device=device)
+        if cfg.compile:  # the compiled update draws the eager update's random numbers: the same run, faster or not
+            import torch._inductor.config as inductor_config
+
+            inductor_config.fallback_random = True
+        self.step_fn = torch.compile(self._update, mode="reduce-overhead" if device.type == "cuda" else None) \
+            if cfg.compile else self._update
+
+    def update(self, batch, warmup: bool) -> None:
+        with matmul_precision(self.cfg.precision, self.device):
+            self.step_fn(batch, warmup)
+
+    def _update(self, batch, warmup: bool) -> None:
+        cfg = self.cfg
+        s, a, r, s2, d = batch  # [B, S], [B, A], [B], [B, S], [B]
+
+        # 1. behaviour model: MSE(tanh(dec(s, z)), a) + 0.5 KL
+        vae_loss = self.vae.loss(s, a, cfg.vae_kl_weight)
+        self.vae_opt.zero_grad(set_to_none=True)
+        vae_loss.backward()
+        self.vae_opt.step()
+
+        # 2. critic target from N_t actions of the current actor at s'
+        with torch.no_grad():
+            a2 = torch.tanh(self.actor.sample(s2, cfg.num_target_samples))  # [B, N_t, A]
+            y = critic_target(self.target_critics(s2, a2), r, d, cfg.lam, cfg.gamma)  # [B]
+
+        # 3. critics: sum_k mean_B (Q_k(s, a) - y)^2
+        q = self.critics(s, a)  # [K, B]
+        critic_loss = (q - y).pow(2).mean(1).sum()
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_opt.step()
+
+        # 4. actor: alpha (MMD - eps), plus -Q_hat after warm-up; n samples for the MMD and one more for Q
+        u = self.actor.sample(s, cfg.mmd_samples + 1)  # [B, n+1, A] pre-tanh
+        with torch.no_grad():
+            x = self.vae.sample_raw(s, cfg.mmd_samples)  # [B, n, A] pre-tanh
+        mmd_value = mmd(x, u[:, :-1], self.kernel, cfg.mmd_sigma)  # [B]
+        alpha = self.log_alpha.detach().exp()
+        actor_loss = (alpha * (mmd_value - cfg.epsilon)).mean()
+        if not warmup:  # a Python bool from the step counter, not a tensor value
+            self.critics.requires_grad_(False)  # input gradients only; the critics' parameters get none
+            q_pi = self.critics(s, torch.tanh(u[:, -1]))  # [K, B]
+            self.critics.requires_grad_(True)
+            actor_loss = actor_loss - actor_q_term(q_pi, cfg.actor_q, cfg.var_penalty).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+
+        # 5. dual step on log alpha with the actor's MMD (detached), then the clamp
+        alpha_loss = self.dual_step(mmd_value)
+
+        with torch.no_grad():
+            # 6. Polyak-average the target critics
+            torch._foreach_lerp_(*self.polyak_pairs, cfg.tau)
+
+            self.step += 1
+            losses = torch.stack([vae_loss, critic_loss, actor_loss, alpha_loss]).detach()
+            self.metric_sum += torch.cat([losses, torch.stack([self.log_alpha.exp(), mmd_value.mean(), q.mean()]).detach()])
+            bad = ~torch.isfinite(losses) & (self.first_nonfinite < 0)
+            self.first_nonfinite.copy_(torch.where(bad, self.step, self.first_nonfinite))
+
+    def dual_step(self, mmd_value: torch.Tensor) -> torch.Tensor:
+        alpha_loss = dual_loss(self.log_alpha, mmd_value, self.cfg.epsilon)
+        self.alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_opt.step()
+        with torch.no_grad():
+            self.log_alpha.clamp_(self.cfg.log_alpha_min, self.cfg.log_alpha_max)
+        return alpha_loss
+
+    @torch.no_grad()
+    def act(self, s: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Evaluation action: of n candidates from pi, the one with the highest ensemble-mean Q. s [E, S] -> [E, A]"""
+        return select_action(self.actor, self.critics, s, self.cfg.eval_candidates, generator)
+
+    def modules(self) -> dict:
+        return {"vae": self.vae, "actor": self.actor, "critics": self.critics, "target_critics": self.target_critics,
+                "vae_opt": self.vae_opt, "actor_opt": self.actor_opt, "critic_opt": self.critic_opt,
+                "alpha_opt": self.alpha_opt}
+
+    def state_dict(self) -> dict:
+        state = {name: m.state_dict() for name, m in self.modules().items()}
+        state.update(log_alpha=self.log_alpha.detach().clone(), step=self.step.clone(), metric_sum=self.metric_sum.clone(),
+                     first_nonfinite=self.first_nonfinite.clone())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, m in self.modules().items():
+            m.load_state_dict(state[name])
+        with torch.no_grad():
+            for name in ("log_alpha", "step", "metric_sum", "first_nonfinite"):
+                getattr(self, name).copy_(state[name])
+
+
+# ============================================================================================== evaluation
+def normalized_score(ret: float, score_range: tuple[float, float] | None) -> float | None:
+    """100 (R - min) / (max - min) with D4RL's constants or a Minari dataset's reference returns; None without them."""
+    if score_range is None:
+        return None
+    lo, hi = score_range
+    return 100 * (ret - lo) / (hi - lo)
+
+
+def select_action(actor: "Actor", critics: "QEnsemble", s: torch.Tensor, candidates: int,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Of `candidates` actions from pi per state, the one with the highest ensemble-mean Q. s [E, S] -> [E, A]"""
+    actions = torch.tanh(actor.sample(s, candidates, generator))  # [E, n, A]
+    best = critics(s, actions).mean(0).argmax(1)  # [E]
+    return actions[torch.arange(len(s), device=s.device), best]
+
+
+def eval_snapshot(agent: "BEAR") -> dict:
+    """What an evaluation needs, copied to the CPU: the actor's and the critics' weights (0.9 MB at the default
+    sizes). Training goes on while it is evaluated."""
+    return {name: {k: v.detach().to("cpu", copy=True) for k, v in getattr(agent, name).state_dict().items()}
+            for name in ("actor", "critics")}
+
+
+class Evaluator:
+    """Evaluates snapshots on the CPU: `eval_episodes` environments stepped side by side and restarted from the same
+    seeds every time, with their candidates scored in one forward pass per step. An evaluation depends only on the
+    snapshot, the step and the seed: nothing to carry across a resume, the same in a worker as in the training
+    process (with the same torch threads)."""
+
+    def __init__(self, target: "EvalTarget", cfg: Config, state_dim: int, action_dim: int):
+        self.target, self.cfg = target, cfg
+        with torch.random.fork_rng(devices=[]):  # their initial weights are overwritten: leave training's stream be
+            self.actor = Actor(state_dim, action_dim, cfg.actor_hidden).requires_grad_(False)
+            self.critics = QEnsemble(state_dim, action_dim, cfg.critic_hidden, cfg.num_critics).requires_grad_(False)
+        self.envs = [target.make() for _ in range(cfg.eval_episodes)]
+        self.seeds = [10_000 + 1_000 * cfg.seed + i for i in range(cfg.eval_episodes)]
+
+    @torch.no_grad()
+    def __call__(self, snapshot: dict, step: int) -> np.ndarray:
+        self.actor.load_state_dict(snapshot["actor"])
+        self.critics.load_state_dict(snapshot["critics"])
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        obs = np.stack([self.target.observe(env.reset(seed=s)[0]) for env, s in zip(self.envs, self.seeds)])
+        obs = obs.astype(np.float32)  # [E, S]: the networks' dtype, rounded once per step as torch would
+        returns, active = np.zeros(len(self.envs)), np.ones(len(self.envs), bool)
+        while active.any():
+            live = np.flatnonzero(active)
+            with matmul_precision(self.cfg.precision, torch.device("cpu")):  # as in training
+                actions = select_action(self.actor, self.critics, torch.from_numpy(obs[live]), self.cfg.eval_candidates,
+                                        generator).numpy()
+            for i, action in zip(live, actions):
+                next_obs, reward, terminated, truncated, _ = self.envs[i].step(self.target.to_env(action))
+                obs[i] = self.target.observe(next_obs)
+                returns[i] += reward
+                active[i] = not (terminated or truncated)
+        return returns
+
+
+# ---------------------------------------------------------------------------------------------- evaluation pool
+# Evaluation off the critical path: at an evaluation step the training loop hands eval_snapshot() to a pool of
+# worker processes and trains on. Each worker is this file run by a fresh interpreter (safe to start after CUDA,
+# unlike fork) that keeps its Evaluator for the whole run. Results are used in step order (the training loop keeps
+# later rows until an earlier evaluation is back). With --eval-workers=0 the same Evaluator runs in the training
+# process, synchronously.
+EVAL_WORKER_BOOT = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('bear_train_eval', "
+                    "sys.argv[1]); module = importlib.util.module_from_spec(spec); sys.modules[spec.name] = module; "
+                    "spec.loader.exec_module(module); module.eval_worker(*map(int, sys.argv[2:]))")
+PENDING_PER_WORKER = 2  # evaluations outstanding per worker (one running, one queued) before training waits
+
+
+def eval_worker(jobs_fd: int, results_fd: int, parent: int) -> None:
+    """Body of a worker process: its Evaluator is built once from the first message; then every (step, snapshot)
+    is answered with (step, returns, error text). Ends when the training process closes the pipe or dies."""
+    import traceback
+    from multiprocessing.connection import Connection
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C reaches the whole group: the training process stops us
+        signal.signal(sig, signal.SIG_IGN)
+    with contextlib.suppress(Exception):  # Linux: killed with the training process, however that one ends
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        return
+    jobs, results = Connection(jobs_fd, writable=False), Connection(results_fd, readable=False)
+    target, cfg, dims, threads = pickle.loads(jobs.recv_bytes())  # plain dicts: the classes pickle under the parent's module name
+    torch.set_num_threads(threads)
+    try:
+        evaluator, error = Evaluator(EvalTarget(**target), Config(**cfg), *dims), ""
+    except Exception:
+        evaluator, error = None, traceback.format_exc()
+    results.send_bytes(pickle.dumps(("ready",)))
+    while True:
+        try:
+            step, snapshot = pickle.loads(jobs.recv_bytes())
+        except EOFError:
+            return
+        try:
+            message = (step, evaluator(snapshot, step), "") if evaluator else (step, None, error)
+        except Exception:
+            message = (step, None, traceback.format_exc())
+        results.send_bytes(pickle.dumps(message))
+
+
+class EvalFailed(Exception):
+    pass
+
+
+@dataclass
+class EvalWorker:
+    proc: object  # subprocess.Popen
+    jobs: object  # multiprocessing.connection.Connection, to the worker
+    results: object  # and from it
+    ready: bool = False
+    job: tuple | None = None  # (step, snapshot) it is evaluating
+
+
+class EvalPool:
+    """`workers` evaluation processes (0: evaluate in this process, synchronously). submit() hands over a snapshot
+    and returns at once, unless PENDING_PER_WORKER * workers evaluations are outstanding: then training waits (the
+    time is counted in `waited`). A worker that dies or raises is replaced and its evaluation retried once; a
+    second failure raises EvalFailed."""
+
+    def __init__(self, workers: int, setup: tuple, log: Path):
+        self.setup, self.log, self.n = setup, log, workers
+        self.inline = Evaluator(*setup[:2], *setup[2]) if workers == 0 else None
+        self.workers = [self._start() for _ in range(workers)]
+        self.queue, self.done, self.attempts, self.waited = [], {}, {}, 0.0
+
+    def _start(self) -> EvalWorker:
+        import subprocess
+        from multiprocessing.connection import Connection
+
+        jobs_r, jobs_w = os.pipe()
+        results_r, results_w = os.pipe()
+        with open(self.log, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-c", EVAL_WORKER_BOOT, str(Path(__file__).resolve()), str(jobs_r),
+                                     str(results_w), str(os.getpid())], pass_fds=(jobs_r, results_w),
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        os.close(jobs_r)
+        os.close(results_w)
+        worker = EvalWorker(proc, Connection(jobs_w, readable=False), Connection(results_r, writable=False))
+        target, cfg, dims, threads = self.setup
+        worker.jobs.send_bytes(pickle.dumps((dataclasses.asdict(target), dataclasses.asdict(cfg), dims, threads)))
+        return worker
+
+    def pending(self) -> int:
+        return len(self.queue) + sum(w.job is not None for w in self.workers)
+
+    def submit(self, step: int, snapshot: dict, stop: list) -> None:
+        t = time.time()
+        if self.inline:
+            self.done[step] = self.inline(snapshot, step)
+        else:
+            self.queue.append((step, snapshot))
+            self.poll(0)
+            while self.pending() > PENDING_PER_WORKER * self.n and not stop:
+                self.poll(0.2)
+        self.waited += time.time() - t
+
+    def result(self, step: int, wait: bool = False, stop: list = ()) -> np.ndarray | None:
+        """The returns of step's evaluation once it is back (popped), else None; wait=True waits for it."""
+        t = time.time()
+        while step not in self.done and wait and not stop:
+            self.poll(0.2)
+        self.waited += time.time() - t if wait else 0.0
+        return self.done.pop(step, None)
+
+    def poll(self, timeout: float) -> None:
+        """Collects what the workers have sent (waiting up to `timeout` for something), and hands queued snapshots
+        to idle workers."""
+        from multiprocessing.connection import wait
+
+        for worker in self.workers:
+            if worker.ready and worker.job is None and self.queue:
+                worker.job = self.queue.pop(0)
+                try:
+                    worker.jobs.send_bytes(pickle.dumps(worker.job))
+                except OSError:  # it died: its results pipe says so below
+                    pass
+        if not self.workers:
+            return
+        for conn in wait([w.results for w in self.workers], timeout):
+            worker = next(w for w in self.workers if w.results is conn)
+            try:
+                message = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                worker.proc.wait()
+                self._failed(worker, f"exit code {worker.proc.returncode}")
+                continue
+            if message == ("ready",):
+                worker.ready = True
+            elif message[2]:
+                worker.proc.kill()
+                worker.proc.wait()
+                self._failed(worker, message[2].strip().splitlines()[-1])
+            else:
+                self.done[message[0]] = message[1]
+                worker.job = None
+        if any(w.ready and w.job is None for w in self.workers) and self.queue:
+            self.poll(0)
+
+    def _failed(self, worker: EvalWorker, why: str) -> None:
+        worker.jobs.close()
+        worker.results.close()
+        self.workers.remove(worker)
+        step = worker.job[0] if worker.job else None
+        self.attempts[step] = self.attempts.get(step, 0) + 1
+        where = f"step {step}" if step is not None else "start-up"
+        if self.attempts[step] > 1:
+            raise EvalFailed(f"the evaluation of {where} failed twice ({why}; the workers' output is in {self.log})")
+        warn(f"an evaluation worker failed at {where} ({why}); retrying it once in a fresh worker")
+        if worker.job:
+            self.queue.insert(0, worker.job)
+        self.workers.append(self._start())
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.jobs.close()
+            worker.results.close()
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+            worker.proc.wait()
+        self.workers = []
+
+
+def eval_workers(cfg: Config, device: torch.device) -> int:
+    """--eval-workers, or by default the cores this process may use minus what training uses (its torch threads on
+    the CPU, one core on a GPU), at least 1."""
+    if cfg.eval_workers >= 0:
+        return cfg.eval_workers
+    return max(1, usable_cpus() - (torch.get_num_threads() if device.type == "cpu" else 1))
+
+
+# ---------------------------------------------------------------------------------------------- Q against the data
+# The bootstrapping error BEAR is named after, seen while a run goes: the critics' Q on a fixed probe set of the
+# data's own (s, a) pairs against those pairs' discounted Monte-Carlo return in the data. The probe is drawn once
+# from the pairs whose return is complete (discounted_returns), with its own fixed seed: the same in every run on a
+# dataset, at every row and across a resume.
+PROBE_SEED = 0
+PROBE_FIELDS = ["q_data", "q_data_min", "q_data_max", "return_data", "q_gap", "q_ratio"]
+
+
+def probe_rows(complete: np.ndarray, size: int) -> np.ndarray:
+    rows = np.flatnonzero(complete)
+    if len(rows) > size:
+        rows = np.sort(np.random.default_rng(PROBE_SEED).choice(rows, size, replace=False))
+    return rows
+
+
+def q_bound(rewards: np.ndarray, gamma: float) -> float | None:
+    """The largest Q any policy can have on data whose rewards are at most r_max: r_max / (1 - gamma) (r_max itself
+    when it is negative: then ending at once is best). None for gamma = 1."""
+    r_max = float(rewards.max())
+    return r_max if r_max < 0 else r_max / (1 - gamma) if gamma < 1 else None
+
+
+@torch.no_grad()
+def q_vs_return(critics: nn.Module, s: torch.Tensor, a: torch.Tensor, data_return: float) -> dict:
+    """Critics on the probe pairs: the ensemble's mean Q, and the means of its min and max, against the pairs' mean
+    Monte-Carlo return; the gap, and the ratio."""
+    q = critics(s, a)  # [K, P]
+    q_mean, q_min, q_max = torch.stack([q.mean(), q.min(0).values.mean(), q.max(0).values.mean()]).tolist()
+    return {"q_data": q_mean, "q_data_min": q_min, "q_data_max": q_max, "return_data": data_return,
+            "q_gap": q_mean - data_return} | ({"q_ratio": q_mean / data_return} if data_return else {})
+
+
+# ============================================================================================== the training loop
+def train(cfg: Config) -> dict:
+    validate(cfg)
+    spec = resolve_dataset(cfg.dataset, cfg.env)
+    run_dir, resuming = prepare_run_dir(cfg, spec.name)
+    t_load = time.time()
+    loaded = load_data(spec, is_offline(cfg), cfg.regen_steps, cfg.regen_workers, cfg.gamma)
+    device = pick_device(cfg.gpu)  # after the data: no CUDA before regeneration forks its workers
+    if cfg.precision == "bf16" and device.type == "cuda" and (why := bf16_slow(device)):
+        raise UserError(f"--precision=bf16 needs a GPU with bf16 tensor cores (compute capability 8.0 or newer); "
+                        f"{device} has {why.split(':')[0]}: use --precision=fp32")
+    with claimed(run_dir, resuming) as run_dir, Run(cfg, spec, loaded, device, run_dir, resuming, t_load) as run:
+        agent, buffer = run.agent, run.buffer
+        for step in range(run.start + 1, cfg.max_steps + 1):
+            agent.update(buffer.sample(cfg.batch_size), step <= cfg.warmup_steps)
+            if step % cfg.log_every == 0 or run.is_eval(step):
+                run.log(step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                run.keep_checkpoint(step)
+            run.flush()
+            if run.stop:
+                run.stop_at(step)
+            run.progress(step)
+        return run.results()
+
+
+# ##############################################################################################################
+# PLUMBING. Everything below serves the algorithm above: the datasets (D4RL files, Minari, preparation at scale),
+# run bookkeeping (errors and signals, logs, checkpoints, plots, locks), seed tables, the sweep on Ray, the command
+# line and main. A reader of the paper can stop here.
+# ##############################################################################################################
+# ============================================================================================== errors and signals
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_CRASHED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 1, 70, 75, 130
 
 
 class UserError(Exception):
     """Bad input: reported as one line, exit code 2, no traceback."""
+
+
+class Diverged(Exception):
+    pass
+
+
+class Stop(Exception):
+    def __init__(self, code: int):
+        self.code = code
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM outside the training loop; `what` says what was stopped and what was kept. A
+    BaseException, like KeyboardInterrupt, so that no library's `except Exception` swallows it."""
+
+    def __init__(self, signum: int, what: str = ""):
+        super().__init__(signum)
+        self.signum, self.what = signum, what
+
+    @property
+    def code(self) -> int:
+        return EXIT_PREEMPTED if self.signum == signal.SIGTERM else EXIT_INTERRUPTED
+
+
+def raise_interrupted(signum: int) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def on_signals(action):
+    """Inside the block, SIGINT and SIGTERM call action(signum): raise_interrupted stops whatever runs (loading,
+    downloading, regenerating); the training loop instead notes the signal and stops at the end of its step."""
+    previous = {sig: signal.signal(sig, lambda signum, frame: action(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def warn(message: str, loud: bool = False) -> None:
+    bar = "!" * 100
+    text = f"{bar}\n!!! WARNING: {message}\n{bar}" if loud else f"WARNING: {message}"
+    if "tqdm" in sys.modules:  # on its own line, not in a progress bar's
+        sys.modules["tqdm"].tqdm.write(text, file=sys.stderr)
+    else:
+        print(text, file=sys.stderr, flush=True)
 
 
 # ============================================================================================== D4RL data
@@ -777,569 +1422,332 @@ class ReplayBuffer:
         return self.obs[idx], self.act[idx], self.rew[idx], self.next_obs[idx], self.done[idx]
 
 
-# ============================================================================================== networks
-def mlp_trunk(inp: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
-
-
-def state_first_layer(s: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[s, x] @ w + b, with w [S + X, H]. One x per state (x [B, X] -> [B, H]): one matrix multiply on the
-    concatenation. n samples per state (x [B, n, X] -> [B, n, H]): the state part s @ w[:S] is computed once per
-    state and shared by the n samples."""
-    if x.dim() == 2:
-        return torch.addmm(b, torch.cat([s, x], -1), w)
-    state_dim = s.shape[-1]
-    return (x @ w[state_dim:]).add_(torch.addmm(b, s, w[:state_dim])[:, None])
-
-
-class StateFirstLayer(nn.Module):
-    """Linear([s, x]) as state_first_layer: the n samples of a state share its state part."""
-
-    def __init__(self, state_dim: int, other_dim: int, out: int):
-        super().__init__()
-        self.linear = nn.Linear(state_dim + other_dim, out)  # initialised exactly like the concatenated layer
-
-    def forward(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # x [B, X] -> [B, H]; [B, n, X] -> [B, n, H]
-        return state_first_layer(s, x, self.linear.weight.t(), self.linear.bias)
-
-
-class VAE(nn.Module):
-    """Behaviour model G: a conditional VAE whose decoder output is the raw (pre-tanh) action."""
-
-    def __init__(self, state_dim: int, action_dim: int, hidden: int):
-        super().__init__()
-        self.latent_dim = 2 * action_dim
-        self.encoder = mlp_trunk(state_dim + action_dim, hidden)
-        self.mean = nn.Linear(hidden, self.latent_dim)
-        self.log_std = nn.Linear(hidden, self.latent_dim)
-        self.dec_in = StateFirstLayer(state_dim, self.latent_dim, hidden)
-        self.decoder = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
-                                     nn.Linear(hidden, action_dim))
-
-    def decode_raw(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # z [B, L] -> [B, A]; [B, n, L] -> [B, n, A]
-        return self.decoder(self.dec_in(s, z)).to(self.dec_in.linear.weight.dtype)
-
-    def sample_raw(self, s: torch.Tensor, n: int) -> torch.Tensor:  # [B, n, A] raw actions of the behaviour model
-        z = torch.randn(s.shape[0], n, self.latent_dim, device=s.device).clamp(-VAE_LATENT_CLIP, VAE_LATENT_CLIP)
-        return self.decode_raw(s, z)
-
-    def loss(self, s: torch.Tensor, a: torch.Tensor, kl_weight: float) -> torch.Tensor:
-        h = self.encoder(torch.cat([s, a], -1))
-        dtype = self.mean.weight.dtype  # the weights' (float32), also where the matrix multiplies ran in bf16
-        mean, log_std = self.mean(h).to(dtype), self.log_std(h).to(dtype).clamp(*VAE_LOG_STD_RANGE)
-        std = log_std.exp()
-        z = mean + std * torch.randn_like(std)  # [B, L]
-        recon = torch.tanh(self.decode_raw(s, z))  # [B, A]
-        kl = -0.5 * (1 + 2 * log_std - mean.pow(2) - std.pow(2)).mean()
-        return F.mse_loss(recon, a) + kl_weight * kl
-
-
-class Actor(nn.Module):
-    """pi: tanh-squashed Gaussian. Samples are returned pre-tanh (u); the action is tanh(u)."""
-
-    def __init__(self, state_dim: int, action_dim: int, hidden: int):
-        super().__init__()
-        self.trunk = mlp_trunk(state_dim, hidden)
-        self.mu = nn.Linear(hidden, action_dim)
-        self.log_std = nn.Linear(hidden, action_dim)
-
-    def sample(self, s: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        h = self.trunk(s)
-        dtype = self.mu.weight.dtype
-        mu, std = self.mu(h).to(dtype), self.log_std(h).to(dtype).clamp(*ACTOR_LOG_STD_RANGE).exp()  # [B, A]
-        eps = torch.randn(s.shape[0], n, mu.shape[-1], device=s.device, generator=generator)
-        return mu[:, None] + std[:, None] * eps  # [B, n, A], reparameterised
-
-
-class QEnsemble(nn.Module):
-    """K critics (s, a) -> 256 -> 256 -> 1, their weights stacked as [K, in, out]. With n actions per state
-    ([B, n, A]) the state part of the first layer is computed once per state. The members run one after another
-    as plain 2-D matrix multiplies: on the CPU that beat one batched bmm at K=2 and K=10 (benchmarks/speed.py);
-    with --compile on a GPU, CUDA graphs remove the per-member launch cost."""
-
-    def __init__(self, state_dim: int, action_dim: int, hidden: int, k: int):
-        super().__init__()
-        self.state_dim = state_dim
-        shapes = [(state_dim + action_dim, hidden), (hidden, hidden), (hidden, 1)]
-        self.weights = nn.ParameterList([nn.Parameter(torch.empty(k, i, o)) for i, o in shapes])
-        self.biases = nn.ParameterList([nn.Parameter(torch.empty(k, o)) for _, o in shapes])
-        for w, b in zip(self.weights, self.biases):  # nn.Linear's default init, member by member
-            bound = 1 / math.sqrt(w.shape[1])
-            nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
-
-    def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:  # a [B, A] -> [K, B]; [B, n, A] -> [K, B, n]
-        q = []
-        for w1, w2, w3, b1, b2, b3 in zip(*self.weights, *self.biases):
-            h = state_first_layer(s, a, w1, b1).relu_()  # [B, H] or [B, n, H]
-            h = torch.addmm(b2, h.view(-1, h.shape[-1]), w2).relu_()  # [B*n, H]
-            q.append(torch.addmm(b3, h, w3).view(a.shape[:-1]))
-        return torch.stack(q).to(self.weights[0].dtype)
-
-
-# ---------------------------------------------------------------------------------------------- bf16 matrix multiplies
-# --precision=bf16: the networks' matrix multiplies (addmm, matmul, linear) take bf16 inputs and accumulate in
-# float32 (torch.autocast); every network hands its outputs back in its weights' dtype, float32 (the .to(dtype)
-# calls above, no-ops without autocast). So the equations that cancel or exponentiate (the kernels and the MMD, the target's min/max mix, the KL, the
-# dual step), the losses, the master weights, the optimisers' states and the Polyak average stay float32.
-BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}  # a CPU multiplies bf16 fast only with one of these
-
-
-def matmul_precision(precision: str, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def bf16_slow(device: torch.device) -> str:
-    """Why bf16 matrix multiplies would be slow on `device` ('' when they are fast)."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return "" if major >= 8 else f"compute capability {major}.{minor}: no bf16 tensor cores"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        flags = set()
-    return "" if flags & BF16_CPU_FLAGS else "this CPU reports neither AMX-BF16 nor AVX512-BF16: its bf16 matrix " \
-        "multiplies run on a slow generic path, much slower than float32 (benchmarks/speed.py --parts bf16)"
-
-
-# ============================================================================================== BEAR equations
-# The kernels use torch.cdist: one operation forward and backward instead of a broadcast [B, n, m, A] difference,
-# which made the MMD's forward and backward about 40 % faster on the CPU.
-def laplacian_kernel(x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
-    """k(x, y) = exp(-||x - y||_1 / (2 sigma)) for all pairs: x [B, n, A], y [B, m, A] -> [B, n, m]."""
-    return torch.exp(-torch.cdist(x, y, p=1) / (2 * sigma))
-
-
-def gaussian_kernel(x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
-    """k(x, y) = exp(-||x - y||_2^2 / (2 sigma)) for all pairs: x [B, n, A], y [B, m, A] -> [B, n, m]."""
-    return torch.exp(-torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").pow(2) / (2 * sigma))
-
-
-KERNELS = {"laplacian": laplacian_kernel, "gaussian": gaussian_kernel}
-
-
-def mmd(x: torch.Tensor, y: torch.Tensor, kernel, sigma: float) -> torch.Tensor:
-    """MMD(s) = sqrt(mean k(x,x') + mean k(y,y') - 2 mean k(x,y) + 1e-6), means over all n x n pairs. -> [B]"""
-    mmd2 = kernel(x, x, sigma).mean((1, 2)) + kernel(y, y, sigma).mean((1, 2)) - 2 * kernel(x, y, sigma).mean((1, 2))
-    return torch.sqrt(mmd2 + MMD_JITTER)
-
-
-def critic_target(q_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, lam: float, gamma: float) -> torch.Tensor:
-    """q_next [K, B, N_t]: y = r + gamma (1 - d) max_j [lam min_k Q_k + (1 - lam) max_k Q_k]. -> [B]"""
-    mixed = lam * q_next.min(0).values + (1 - lam) * q_next.max(0).values  # [B, N_t]
-    return reward + gamma * (1 - done) * mixed.max(1).values
-
-
-def actor_q_term(q: torch.Tensor, rule: str, var_penalty: float) -> torch.Tensor:
-    """q [K, B] -> Q_hat [B]: min_k Q_k, or mean_k Q_k - tau_var var_k Q_k."""
-    if rule == "min":
-        return q.min(0).values
-    return q.mean(0) - var_penalty * q.var(0, unbiased=False)
-
-
-def dual_loss(log_alpha: torch.Tensor, mmd_value: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """-alpha (mean_B MMD - eps), on the actor's MMD detached: alpha grows while MMD > eps, shrinks below."""
-    return -(log_alpha.exp() * (mmd_value.detach().mean() - epsilon))
-
-
-ADAM = {"fused": True}  # one kernel per optimiser step, on the CPU and on CUDA
-
-METRICS = ["vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "mmd", "q_mean"]
-LOSSES = METRICS[:4]
-
-
-class BEAR:
-    def __init__(self, cfg: Config, state_dim: int, action_dim: int, kernel: str, device: torch.device):
-        self.cfg, self.device = cfg, device
-        self.kernel = KERNELS[kernel]
-        self.vae = VAE(state_dim, action_dim, cfg.vae_hidden).to(device)
-        self.actor = Actor(state_dim, action_dim, cfg.actor_hidden).to(device)
-        self.critics = QEnsemble(state_dim, action_dim, cfg.critic_hidden, cfg.num_critics).to(device)
-        self.target_critics = QEnsemble(state_dim, action_dim, cfg.critic_hidden, cfg.num_critics).to(device)
-        self.target_critics.load_state_dict(self.critics.state_dict())
-        self.target_critics.requires_grad_(False)
-        self.polyak_pairs = (list(self.target_critics.parameters()), list(self.critics.parameters()))
-        self.log_alpha = torch.tensor(cfg.log_alpha_init, device=device, requires_grad=True)
-        self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=cfg.vae_lr, **ADAM)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr, **ADAM)
-        self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=cfg.critic_lr, **ADAM)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr, **ADAM)
-        # Device-side bookkeeping, read back once per logging interval: no host sync inside update().
-        self.step = torch.zeros((), dtype=torch.long, device=device)
-        self.metric_sum = torch.zeros(len(METRICS), device=device)
-        self.first_nonfinite = torch.full((len(LOSSES),), -1, dtype=torch.long, device=device)
-        if cfg.compile:  # the compiled update draws the eager update's random numbers: the same run, faster or not
-            import torch._inductor.config as inductor_config
-
-            inductor_config.fallback_random = True
-        self.step_fn = torch.compile(self._update, mode="reduce-overhead" if device.type == "cuda" else None) \
-            if cfg.compile else self._update
-
-    def update(self, batch, warmup: bool) -> None:
-        with matmul_precision(self.cfg.precision, self.device):
-            self.step_fn(batch, warmup)
-
-    def _update(self, batch, warmup: bool) -> None:
-        cfg = self.cfg
-        s, a, r, s2, d = batch  # [B, S], [B, A], [B], [B, S], [B]
-
-        # 1. behaviour model: MSE(tanh(dec(s, z)), a) + 0.5 KL
-        vae_loss = self.vae.loss(s, a, cfg.vae_kl_weight)
-        self.vae_opt.zero_grad(set_to_none=True)
-        vae_loss.backward()
-        self.vae_opt.step()
-
-        # 2. critic target from N_t actions of the current actor at s'
-        with torch.no_grad():
-            a2 = torch.tanh(self.actor.sample(s2, cfg.num_target_samples))  # [B, N_t, A]
-            y = critic_target(self.target_critics(s2, a2), r, d, cfg.lam, cfg.gamma)  # [B]
-
-        # 3. critics: sum_k mean_B (Q_k(s, a) - y)^2
-        q = self.critics(s, a)  # [K, B]
-        critic_loss = (q - y).pow(2).mean(1).sum()
-        self.critic_opt.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        self.critic_opt.step()
-
-        # 4. actor: alpha (MMD - eps), plus -Q_hat after warm-up; n samples for the MMD and one more for Q
-        u = self.actor.sample(s, cfg.mmd_samples + 1)  # [B, n+1, A] pre-tanh
-        with torch.no_grad():
-            x = self.vae.sample_raw(s, cfg.mmd_samples)  # [B, n, A] pre-tanh
-        mmd_value = mmd(x, u[:, :-1], self.kernel, cfg.mmd_sigma)  # [B]
-        alpha = self.log_alpha.detach().exp()
-        actor_loss = (alpha * (mmd_value - cfg.epsilon)).mean()
-        if not warmup:  # a Python bool from the step counter, not a tensor value
-            self.critics.requires_grad_(False)  # input gradients only; the critics' parameters get none
-            q_pi = self.critics(s, torch.tanh(u[:, -1]))  # [K, B]
-            self.critics.requires_grad_(True)
-            actor_loss = actor_loss - actor_q_term(q_pi, cfg.actor_q, cfg.var_penalty).mean()
-        self.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_opt.step()
-
-        # 5. dual step on log alpha with the actor's MMD (detached), then the clamp
-        alpha_loss = self.dual_step(mmd_value)
-
-        with torch.no_grad():
-            # 6. Polyak-average the target critics
-            torch._foreach_lerp_(*self.polyak_pairs, cfg.tau)
-
-            self.step += 1
-            losses = torch.stack([vae_loss, critic_loss, actor_loss, alpha_loss]).detach()
-            self.metric_sum += torch.cat([losses, torch.stack([self.log_alpha.exp(), mmd_value.mean(), q.mean()]).detach()])
-            bad = ~torch.isfinite(losses) & (self.first_nonfinite < 0)
-            self.first_nonfinite.copy_(torch.where(bad, self.step, self.first_nonfinite))
-
-    def dual_step(self, mmd_value: torch.Tensor) -> torch.Tensor:
-        alpha_loss = dual_loss(self.log_alpha, mmd_value, self.cfg.epsilon)
-        self.alpha_opt.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.alpha_opt.step()
-        with torch.no_grad():
-            self.log_alpha.clamp_(self.cfg.log_alpha_min, self.cfg.log_alpha_max)
-        return alpha_loss
-
-    @torch.no_grad()
-    def act(self, s: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Evaluation action: of n candidates from pi, the one with the highest ensemble-mean Q. s [E, S] -> [E, A]"""
-        return select_action(self.actor, self.critics, s, self.cfg.eval_candidates, generator)
-
-    def modules(self) -> dict:
-        return {"vae": self.vae, "actor": self.actor, "critics": self.critics, "target_critics": self.target_critics,
-                "vae_opt": self.vae_opt, "actor_opt": self.actor_opt, "critic_opt": self.critic_opt,
-                "alpha_opt": self.alpha_opt}
-
-    def state_dict(self) -> dict:
-        state = {name: m.state_dict() for name, m in self.modules().items()}
-        state.update(log_alpha=self.log_alpha.detach().clone(), step=self.step.clone(), metric_sum=self.metric_sum.clone(),
-                     first_nonfinite=self.first_nonfinite.clone())
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, m in self.modules().items():
-            m.load_state_dict(state[name])
-        with torch.no_grad():
-            for name in ("log_alpha", "step", "metric_sum", "first_nonfinite"):
-                getattr(self, name).copy_(state[name])
-
-
-# ============================================================================================== evaluation
-def normalized_score(ret: float, score_range: tuple[float, float] | None) -> float | None:
-    """100 (R - min) / (max - min) with D4RL's constants or a Minari dataset's reference returns; None without them."""
-    if score_range is None:
-        return None
-    lo, hi = score_range
-    return 100 * (ret - lo) / (hi - lo)
-
-
-def select_action(actor: "Actor", critics: "QEnsemble", s: torch.Tensor, candidates: int,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Of `candidates` actions from pi per state, the one with the highest ensemble-mean Q. s [E, S] -> [E, A]"""
-    actions = torch.tanh(actor.sample(s, candidates, generator))  # [E, n, A]
-    best = critics(s, actions).mean(0).argmax(1)  # [E]
-    return actions[torch.arange(len(s), device=s.device), best]
-
-
-def eval_snapshot(agent: "BEAR") -> dict:
-    """What an evaluation needs, copied to the CPU: the actor's and the critics' weights (0.9 MB at the default
-    sizes). Training goes on while it is evaluated."""
-    return {name: {k: v.detach().to("cpu", copy=True) for k, v in getattr(agent, name).state_dict().items()}
-            for name in ("actor", "critics")}
-
-
-class Evaluator:
-    """Evaluates snapshots on the CPU: `eval_episodes` environments stepped side by side and restarted from the same
-    seeds every time, with their candidates scored in one forward pass per step. An evaluation depends only on the
-    snapshot, the step and the seed: nothing to carry across a resume, the same in a worker as in the training
-    process (with the same torch threads)."""
-
-    def __init__(self, target: EvalTarget, cfg: Config, state_dim: int, action_dim: int):
-        self.target, self.cfg = target, cfg
-        with torch.random.fork_rng(devices=[]):  # their initial weights are overwritten: leave training's stream be
-            self.actor = Actor(state_dim, action_dim, cfg.actor_hidden).requires_grad_(False)
-            self.critics = QEnsemble(state_dim, action_dim, cfg.critic_hidden, cfg.num_critics).requires_grad_(False)
-        self.envs = [target.make() for _ in range(cfg.eval_episodes)]
-        self.seeds = [10_000 + 1_000 * cfg.seed + i for i in range(cfg.eval_episodes)]
-
-    @torch.no_grad()
-    def __call__(self, snapshot: dict, step: int) -> np.ndarray:
-        self.actor.load_state_dict(snapshot["actor"])
-        self.critics.load_state_dict(snapshot["critics"])
-        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        obs = np.stack([self.target.observe(env.reset(seed=s)[0]) for env, s in zip(self.envs, self.seeds)])
-        obs = obs.astype(np.float32)  # [E, S]: the networks' dtype, rounded once per step as torch would
-        returns, active = np.zeros(len(self.envs)), np.ones(len(self.envs), bool)
-        while active.any():
-            live = np.flatnonzero(active)
-            with matmul_precision(self.cfg.precision, torch.device("cpu")):  # as in training
-                actions = select_action(self.actor, self.critics, torch.from_numpy(obs[live]), self.cfg.eval_candidates,
-                                        generator).numpy()
-            for i, action in zip(live, actions):
-                next_obs, reward, terminated, truncated, _ = self.envs[i].step(self.target.to_env(action))
-                obs[i] = self.target.observe(next_obs)
-                returns[i] += reward
-                active[i] = not (terminated or truncated)
-        return returns
-
-
-# ---------------------------------------------------------------------------------------------- evaluation pool
-# Evaluation off the critical path: at an evaluation step the training loop hands eval_snapshot() to a pool of
-# worker processes and trains on. Each worker is this file run by a fresh interpreter (safe to start after CUDA,
-# unlike fork) that keeps its Evaluator for the whole run. Results are used in step order (the training loop keeps
-# later rows until an earlier evaluation is back). With --eval-workers=0 the same Evaluator runs in the training
-# process, synchronously.
-EVAL_WORKER_BOOT = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('bear_train_eval', "
-                    "sys.argv[1]); module = importlib.util.module_from_spec(spec); sys.modules[spec.name] = module; "
-                    "spec.loader.exec_module(module); module.eval_worker(*map(int, sys.argv[2:]))")
-PENDING_PER_WORKER = 2  # evaluations outstanding per worker (one running, one queued) before training waits
-
-
-def eval_worker(jobs_fd: int, results_fd: int, parent: int) -> None:
-    """Body of a worker process: its Evaluator is built once from the first message; then every (step, snapshot)
-    is answered with (step, returns, error text). Ends when the training process closes the pipe or dies."""
-    import traceback
-    from multiprocessing.connection import Connection
-
-    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C reaches the whole group: the training process stops us
-        signal.signal(sig, signal.SIG_IGN)
-    with contextlib.suppress(Exception):  # Linux: killed with the training process, however that one ends
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        return
-    jobs, results = Connection(jobs_fd, writable=False), Connection(results_fd, readable=False)
-    target, cfg, dims, threads = pickle.loads(jobs.recv_bytes())  # plain dicts: the classes pickle under the parent's module name
-    torch.set_num_threads(threads)
-    try:
-        evaluator, error = Evaluator(EvalTarget(**target), Config(**cfg), *dims), ""
-    except Exception:
-        evaluator, error = None, traceback.format_exc()
-    results.send_bytes(pickle.dumps(("ready",)))
-    while True:
-        try:
-            step, snapshot = pickle.loads(jobs.recv_bytes())
-        except EOFError:
-            return
-        try:
-            message = (step, evaluator(snapshot, step), "") if evaluator else (step, None, error)
-        except Exception:
-            message = (step, None, traceback.format_exc())
-        results.send_bytes(pickle.dumps(message))
-
-
-class EvalFailed(Exception):
-    pass
-
-
-@dataclass
-class EvalWorker:
-    proc: object  # subprocess.Popen
-    jobs: object  # multiprocessing.connection.Connection, to the worker
-    results: object  # and from it
-    ready: bool = False
-    job: tuple | None = None  # (step, snapshot) it is evaluating
-
-
-class EvalPool:
-    """`workers` evaluation processes (0: evaluate in this process, synchronously). submit() hands over a snapshot
-    and returns at once, unless PENDING_PER_WORKER * workers evaluations are outstanding: then training waits (the
-    time is counted in `waited`). A worker that dies or raises is replaced and its evaluation retried once; a
-    second failure raises EvalFailed."""
-
-    def __init__(self, workers: int, setup: tuple, log: Path):
-        self.setup, self.log, self.n = setup, log, workers
-        self.inline = Evaluator(*setup[:2], *setup[2]) if workers == 0 else None
-        self.workers = [self._start() for _ in range(workers)]
-        self.queue, self.done, self.attempts, self.waited = [], {}, {}, 0.0
-
-    def _start(self) -> EvalWorker:
-        import subprocess
-        from multiprocessing.connection import Connection
-
-        jobs_r, jobs_w = os.pipe()
-        results_r, results_w = os.pipe()
-        with open(self.log, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-c", EVAL_WORKER_BOOT, str(Path(__file__).resolve()), str(jobs_r),
-                                     str(results_w), str(os.getpid())], pass_fds=(jobs_r, results_w),
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        os.close(jobs_r)
-        os.close(results_w)
-        worker = EvalWorker(proc, Connection(jobs_w, readable=False), Connection(results_r, writable=False))
-        target, cfg, dims, threads = self.setup
-        worker.jobs.send_bytes(pickle.dumps((dataclasses.asdict(target), dataclasses.asdict(cfg), dims, threads)))
-        return worker
-
-    def pending(self) -> int:
-        return len(self.queue) + sum(w.job is not None for w in self.workers)
-
-    def submit(self, step: int, snapshot: dict, stop: list) -> None:
-        t = time.time()
-        if self.inline:
-            self.done[step] = self.inline(snapshot, step)
-        else:
-            self.queue.append((step, snapshot))
-            self.poll(0)
-            while self.pending() > PENDING_PER_WORKER * self.n and not stop:
-                self.poll(0.2)
-        self.waited += time.time() - t
-
-    def result(self, step: int, wait: bool = False, stop: list = ()) -> np.ndarray | None:
-        """The returns of step's evaluation once it is back (popped), else None; wait=True waits for it."""
-        t = time.time()
-        while step not in self.done and wait and not stop:
-            self.poll(0.2)
-        self.waited += time.time() - t if wait else 0.0
-        return self.done.pop(step, None)
-
-    def poll(self, timeout: float) -> None:
-        """Collects what the workers have sent (waiting up to `timeout` for something), and hands queued snapshots
-        to idle workers."""
-        from multiprocessing.connection import wait
-
-        for worker in self.workers:
-            if worker.ready and worker.job is None and self.queue:
-                worker.job = self.queue.pop(0)
-                try:
-                    worker.jobs.send_bytes(pickle.dumps(worker.job))
-                except OSError:  # it died: its results pipe says so below
-                    pass
-        if not self.workers:
-            return
-        for conn in wait([w.results for w in self.workers], timeout):
-            worker = next(w for w in self.workers if w.results is conn)
-            try:
-                message = pickle.loads(conn.recv_bytes())
-            except (EOFError, OSError):
-                worker.proc.wait()
-                self._failed(worker, f"exit code {worker.proc.returncode}")
-                continue
-            if message == ("ready",):
-                worker.ready = True
-            elif message[2]:
-                worker.proc.kill()
-                worker.proc.wait()
-                self._failed(worker, message[2].strip().splitlines()[-1])
-            else:
-                self.done[message[0]] = message[1]
-                worker.job = None
-        if any(w.ready and w.job is None for w in self.workers) and self.queue:
-            self.poll(0)
-
-    def _failed(self, worker: EvalWorker, why: str) -> None:
-        worker.jobs.close()
-        worker.results.close()
-        self.workers.remove(worker)
-        step = worker.job[0] if worker.job else None
-        self.attempts[step] = self.attempts.get(step, 0) + 1
-        where = f"step {step}" if step is not None else "start-up"
-        if self.attempts[step] > 1:
-            raise EvalFailed(f"the evaluation of {where} failed twice ({why}; the workers' output is in {self.log})")
-        warn(f"an evaluation worker failed at {where} ({why}); retrying it once in a fresh worker")
-        if worker.job:
-            self.queue.insert(0, worker.job)
-        self.workers.append(self._start())
-
-    def close(self) -> None:
-        for worker in self.workers:
-            worker.jobs.close()
-            worker.results.close()
-            if worker.proc.poll() is None:
-                worker.proc.kill()
-            worker.proc.wait()
-        self.workers = []
-
-
-def eval_workers(cfg: Config, device: torch.device) -> int:
-    """--eval-workers, or by default the cores this process may use minus what training uses (its torch threads on
-    the CPU, one core on a GPU), at least 1."""
-    if cfg.eval_workers >= 0:
-        return cfg.eval_workers
-    return max(1, usable_cpus() - (torch.get_num_threads() if device.type == "cpu" else 1))
-
-
-# ---------------------------------------------------------------------------------------------- Q against the data
-# The bootstrapping error BEAR is named after, seen while a run goes: the critics' Q on a fixed probe set of the
-# data's own (s, a) pairs against those pairs' discounted Monte-Carlo return in the data. The probe is drawn once
-# from the pairs whose return is complete (discounted_returns), with its own fixed seed: the same in every run on a
-# dataset, at every row and across a resume.
-PROBE_SEED = 0
-PROBE_FIELDS = ["q_data", "q_data_min", "q_data_max", "return_data", "q_gap", "q_ratio"]
-
-
-def probe_rows(complete: np.ndarray, size: int) -> np.ndarray:
-    rows = np.flatnonzero(complete)
-    if len(rows) > size:
-        rows = np.sort(np.random.default_rng(PROBE_SEED).choice(rows, size, replace=False))
-    return rows
-
-
-def q_bound(rewards: np.ndarray, gamma: float) -> float | None:
-    """The largest Q any policy can have on data whose rewards are at most r_max: r_max / (1 - gamma) (r_max itself
-    when it is negative: then ending at once is best). None for gamma = 1."""
-    r_max = float(rewards.max())
-    return r_max if r_max < 0 else r_max / (1 - gamma) if gamma < 1 else None
-
-
-@torch.no_grad()
-def q_vs_return(critics: nn.Module, s: torch.Tensor, a: torch.Tensor, data_return: float) -> dict:
-    """Critics on the probe pairs: the ensemble's mean Q, and the means of its min and max, against the pairs' mean
-    Monte-Carlo return; the gap, and the ratio."""
-    q = critics(s, a)  # [K, P]
-    q_mean, q_min, q_max = torch.stack([q.mean(), q.min(0).values.mean(), q.max(0).values.mean()]).tolist()
-    return {"q_data": q_mean, "q_data_min": q_min, "q_data_max": q_max, "return_data": data_return,
-            "q_gap": q_mean - data_return} | ({"q_ratio": q_mean / data_return} if data_return else {})
-
-
 # ============================================================================================== run bookkeeping
-def warn(message: str, loud: bool = False) -> None:
-    bar = "!" * 100
-    text = f"{bar}\n!!! WARNING: {message}\n{bar}" if loud else f"WARNING: {message}"
-    if "tqdm" in sys.modules:  # on its own line, not in a progress bar's
-        sys.modules["tqdm"].tqdm.write(text, file=sys.stderr)
-    else:
-        print(text, file=sys.stderr, flush=True)
+class Run:
+    """One run around the training loop: its data on the device, the agent, the log, the evaluation pool and the
+    bookkeeping, from a fresh start or from the newest checkpoint. Rows wait in `queue`, in step order, until their
+    evaluation is back; a checkpoint of step t (the training state as it was at t, kept in memory) waits until the
+    rows up to t are written, so that it never claims an evaluation it does not hold."""
+
+    def __init__(self, cfg: Config, spec: DatasetSpec, loaded: LoadedData, device: torch.device, run_dir: Path,
+                 resuming: bool, t_load: float):
+        self.cfg, self.device, self.run_dir, self.loaded, self.dataset_name = cfg, device, run_dir, loaded, spec.name
+        data, self.target = loaded.transitions, loaded.target
+        name = spec.name if loaded.source == "minari" else loaded.file.name
+        print(f"{name}: {len(data['observations'])} transitions, {int(data['terminals'].sum())} terminal "
+              f"({loaded.source}); found and loaded in {time.time() - t_load:.1f} s; device {device}", flush=True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        probe = probe_rows(data["returns_complete"], cfg.probe_size)
+        self.probe_return = float(data["returns"][probe].mean()) if len(probe) else None
+        self.q_bound = q_bound(data["rewards"], cfg.gamma)
+        self.buffer = ReplayBuffer(data, device)
+        self.probe = [x[torch.as_tensor(probe, device=device)] for x in (self.buffer.obs, self.buffer.act)]
+        dims = self.buffer.obs.shape[1], self.buffer.act.shape[1]
+        kernel = cfg.kernel if cfg.kernel != "auto" else "gaussian" if loaded.kernel_env == "halfcheetah" else "laplacian"
+        self.agent = BEAR(cfg, *dims, kernel, device)
+        self.state = {"evals": [], "elapsed": 0.0, "train_seconds": 0.0, "trained_steps": 0, "last_log": 0,
+                      "csv_offset": None, "eval_wait_seconds": 0.0, "rng_restarts": []}
+        self.queue, self.stop, self.start = [], [], 0
+        ckpts = checkpoints(run_dir) if resuming else []
+        if ckpts:
+            self.resume(ckpts[-1])
+        else:
+            write_json(run_dir / "config.json", dataclasses.asdict(cfg) | {
+                "dataset_name": spec.name, "env_id": self.target.env_id, "kernel_used": kernel,
+                "dataset_file": str(loaded.file), "dataset_source": loaded.source, "dataset_notes": loaded.notes,
+                "device": str(device), "probe_pairs": len(probe), "probe_return": self.probe_return,
+                "q_bound": self.q_bound})
+        self.logger = Logger(run_dir, cfg, self.state["csv_offset"], f"BEAR {spec.name} seed {cfg.seed}", self.q_bound)
+        self.precision_note = bf16_slow(device) if cfg.precision == "bf16" else ""
+        if self.precision_note:
+            warn(f"--precision=bf16 on {device}: {self.precision_note}; training goes on in bf16 (results.json says so)")
+        workers = eval_workers(cfg, device)
+        print(f"evaluation: {f'{workers} worker process(es), {cfg.eval_threads} thread(s) each' if workers else 'in the training process'}"
+              f" ({usable_cpus()} usable cores, training on {device} with {torch.get_num_threads()} thread(s))", flush=True)
+        self.pool = EvalPool(workers, (self.target, cfg, dims, cfg.eval_threads), run_dir / "eval-workers.log")
+        for item in self.queue:  # evaluations a signal interrupted: done again, from their snapshots
+            if "snapshot" in item:
+                self.pool.submit(item["step"], item["snapshot"], self.stop)
+        from tqdm import tqdm
+
+        self.tqdm = tqdm
+        self.bar = tqdm(total=cfg.max_steps, initial=self.start, unit="step", dynamic_ncols=True,
+                        mininterval=1 if sys.stderr.isatty() else 30)
+        self.t_start = self.t_interval = time.time()
+        self.elapsed_before = self.state["elapsed"]
+
+    def resume(self, path: Path) -> None:
+        saved = load_checkpoint(path)
+        self.agent.load_state_dict(saved["agent"])
+        self.state = saved["state"]
+        self.queue = self.state.pop("pending", [])
+        self.start = saved["step"]
+        if not set_rng_states(saved["rng"], self.device):
+            saved_on = saved["rng"].get("device_type", "cpu")
+            warn(f"{path.name} was saved on {saved_on}, this run resumes on {self.device}: the random streams "
+                 "restart here, so the run is no longer bitwise reproducible (results.json records it)")
+            torch.manual_seed(int(np.random.SeedSequence([self.cfg.seed, self.start]).generate_state(1)[0]))
+            self.state["rng_restarts"].append({"step": self.start, "saved_on": saved_on, "resumed_on": str(self.device)})
+        print(f"resuming {self.run_dir} from {path.name} (step {self.start})", flush=True)
+
+    def __enter__(self):
+        self.signals = on_signals(self.stop.append)  # a signal is noted, and the loop stops at the end of its step
+        self.signals.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        self.pool.close()
+        self.logger.close()
+        self.signals.__exit__(*exc)
+
+    def is_eval(self, step: int) -> bool:
+        return step % self.cfg.eval_every == 0 or step == self.cfg.max_steps
+
+    def log(self, step: int) -> None:
+        """The interval's means (read back once) and Q on the data, as a row; at an evaluation step the snapshot
+        goes to the pool and the row waits for it."""
+        agent, state = self.agent, self.state
+        sums, first_bad = agent.metric_sum.tolist(), agent.first_nonfinite.tolist()  # the one read-back
+        agent.metric_sum.zero_()
+        if max(first_bad) >= 0:
+            i = min((b, j) for j, b in enumerate(first_bad) if b >= 0)[1]
+            raise Diverged(f"{LOSSES[i]} became non-finite at step {first_bad[i]}; the newest checkpoint in "
+                           f"{self.run_dir} is from before it (try a lower learning rate or another seed)")
+        now = time.time()
+        rate = (step - state["last_log"]) / max(now - self.t_interval, 1e-9)
+        state["train_seconds"] += now - self.t_interval
+        state["trained_steps"] += step - state["last_log"]
+        values = {"step": step} | {k: v / (step - state["last_log"]) for k, v in zip(METRICS, sums)}
+        if self.probe_return is not None:
+            with matmul_precision(self.cfg.precision, self.device):
+                values |= q_vs_return(agent.critics, *self.probe, self.probe_return)
+        state["last_log"] = step
+        item = {"step": step, "values": values, "rate": rate}
+        self.queue.append(item)
+        if self.is_eval(step):
+            item["snapshot"] = eval_snapshot(agent)
+            self.pool.submit(step, item["snapshot"], self.stop)
+        self.t_interval = time.time()
+
+    def bookkeeping(self) -> dict:
+        return self.state | {"elapsed": self.elapsed_before + time.time() - self.t_start,
+                             "eval_wait_seconds": self.pool.waited}
+
+    def keep_checkpoint(self, step: int) -> None:
+        """The training state as it is now, kept in memory until the rows up to this step are written."""
+        state = {k: v for k, v in self.bookkeeping().items() if k not in ("evals", "csv_offset")}
+        self.queue.append({"step": step, "checkpoint": {"step": step, "agent": cpu_copy(self.agent.state_dict()),
+                                                        "rng": rng_states(self.device), "state": state}})
+
+    def flush(self, wait: bool = False) -> None:
+        """Writes every row whose evaluation is back, and every checkpoint whose rows are all written, in step order."""
+        while self.queue:
+            item = self.queue[0]
+            if "snapshot" in item:
+                returns = self.pool.result(item["step"], wait, self.stop)
+                if returns is None:
+                    return
+                self.write_evaluation(item["step"], item["values"], returns)
+            if "values" in item:
+                self.logger.write(item["step"], item["values"], item["rate"])
+            if "checkpoint" in item:
+                checkpoint = item["checkpoint"]
+                checkpoint["state"] |= {"evals": list(self.state["evals"]), "csv_offset": self.logger.offset()}
+                save_checkpoint(self.run_dir, checkpoint | {"config": dataclasses.asdict(self.cfg)})
+            self.queue.pop(0)
+
+    def write_evaluation(self, step: int, values: dict, returns: np.ndarray) -> None:
+        ret = float(returns.mean())
+        score = normalized_score(ret, self.target.score_range)
+        self.state["evals"].append((step, ret, score))
+        values |= {"eval_return": ret} | ({"eval_normalized_score": score} if score is not None else {})
+        shown = f"normalised score {score:6.1f}" if score is not None else "(no reference scores)"
+        self.tqdm.write(f"step {step:>8}  return {ret:8.1f}  {shown}  alpha {values['alpha']:.3g}"
+                        f"  mmd {values['mmd']:.3f}  critic loss {values['critic_loss']:.3g}")
+        self.bar.set_postfix(score=f"{score if score is not None else ret:.1f}")
+
+    def stop_at(self, step: int) -> None:
+        """After a signal: a checkpoint of the training state now that also holds the rows still waiting for their
+        evaluations, with those evaluations' snapshots (--resume does them again); then the documented exit."""
+        pending = [{k: v for k, v in item.items() if k != "checkpoint"} for item in self.queue if "values" in item]
+        save_checkpoint(self.run_dir, {"step": step, "agent": self.agent.state_dict(), "rng": rng_states(self.device),
+                                       "state": self.bookkeeping() | {"csv_offset": self.logger.offset(),
+                                                                      "pending": pending},
+                                       "config": dataclasses.asdict(self.cfg)})
+        print(f"\nstopped by signal at step {step}; checkpoint saved in {self.run_dir}; continue with the same "
+              "command plus --resume", file=sys.stderr, flush=True)
+        raise Stop(EXIT_PREEMPTED if self.stop[0] == signal.SIGTERM else EXIT_INTERRUPTED)
+
+    def progress(self, step: int) -> None:
+        if step % 100 == 0 or step == self.cfg.max_steps:
+            self.bar.update(step - self.bar.n)
+
+    def results(self) -> dict:
+        t = time.time()
+        self.flush(wait=True)  # the final evaluation
+        if self.stop:
+            self.stop_at(self.cfg.max_steps)
+        self.bar.close()
+        final_wait, state, loaded = time.time() - t, self.bookkeeping(), self.loaded
+        _, returns, scores = zip(*state["evals"])
+        results = {
+            "dataset": self.dataset_name,
+            "env_id": self.target.env_id, "seed": self.cfg.seed, "steps": self.cfg.max_steps,
+            "final_normalized_score": scores[-1], "best_normalized_score": None if scores[-1] is None else max(scores),
+            "final_return": returns[-1], "best_return": max(returns),
+            "wall_clock_seconds": round(state["elapsed"], 2),
+            "train_steps_per_second": round(state["trained_steps"] / max(state["train_seconds"], 1e-9), 2),
+            "precision": self.cfg.precision, "precision_note": self.precision_note,
+            "eval_workers": self.pool.n, "eval_wait_seconds": round(state["eval_wait_seconds"] - final_wait, 2),
+            "final_eval_wait_seconds": round(final_wait, 2),
+            "device": str(self.device), "dataset_source": loaded.source, "dataset_file": str(loaded.file),
+            "dataset_notes": loaded.notes, "comparable_with_published": loaded.source in ("cache", "download") and not loaded.notes,
+            "probe_pairs": len(self.probe[0]), "probe_return": self.probe_return, "q_bound": self.q_bound,
+            "rng_restarts": state["rng_restarts"], "run_dir": str(self.run_dir),
+        }
+        write_json(self.run_dir / "results.json", results)
+        print(json.dumps({k: results[k] for k in ("final_normalized_score", "best_normalized_score", "steps",
+                                                 "train_steps_per_second", "dataset_source")}), flush=True)
+        return results
+
+
+def cpu_copy(obj):
+    """A deep copy with every tensor cloned onto the CPU: a state dict kept while training goes on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+def pick_device(gpu: int) -> torch.device:
+    """The training device, made torch's current CUDA device: whatever uses the current device (stream queries, the
+    optimisers' checks, a stray .cuda()) then stays on it instead of opening a context on GPU 0. Called after the
+    data are prepared: regeneration forks its workers before CUDA is first touched."""
+    if gpu < 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        warn(f"--gpu={gpu} asked for CUDA, but CUDA is not available here: training on the CPU")
+        return torch.device("cpu")
+    if gpu >= torch.cuda.device_count():
+        raise UserError(f"--gpu={gpu} but this machine has {torch.cuda.device_count()} CUDA device(s); use 0.."
+                        f"{torch.cuda.device_count() - 1}, or -1 for the CPU")
+    device = torch.device("cuda", gpu)
+    torch.cuda.set_device(device)
+    return device
+
+
+def check_log_dir(folder: str) -> Path:
+    log_dir = Path(folder).expanduser()
+    if log_dir.exists() and not log_dir.is_dir():
+        raise UserError(f"--log-dir={log_dir} is a file, not a folder; pass a folder")
+    existing = next(p for p in [log_dir.absolute(), *log_dir.absolute().parents] if p.exists())
+    try:  # os.access says yes to root even on read-only file systems: try it
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise UserError(f"--log-dir={log_dir} is not writable ({existing}: {e.strerror}); pass a folder you can write to")
+    return log_dir
+
+
+def run_folder_name(dataset_name: str, seed: int) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', dataset_name)}__seed{seed}"
+
+
+@contextlib.contextmanager
+def claimed(run_dir: Path, resuming: bool):
+    """The run's folder, held (file_lock) for the run's whole life. A new run makes its folder atomically, moving to
+    the next free name (...-2, -3) when another run took it first; a resumed run stops (exit 2) while another
+    process trains the same folder (a retry or a requeue while the first still lives). A new run that fails
+    before it wrote anything leaves no empty folder."""
+    base, i = run_dir, 1
+    while not resuming:
+        try:
+            run_dir.mkdir(parents=True)
+            break
+        except FileExistsError:
+            i += 1
+            run_dir = base.with_name(f"{base.name}-{i}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with file_lock(run_dir / ".lock", f"training {run_dir}", wait=False):
+            yield run_dir
+    except Busy as e:
+        raise UserError(f"{run_dir} is in use: {e}; wait for it to end, or stop it first") from None
+    except Exception as e:
+        e.crash_folder = run_dir  # main writes the traceback there
+        raise
+    finally:
+        if not resuming and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+
+
+def prepare_run_dir(cfg: Config, dataset_name: str) -> tuple[Path, bool]:
+    """(run folder, whether it resumes). Checks the log folder before anything is written."""
+    log_dir = check_log_dir(cfg.log_dir)
+    base = log_dir / (cfg.run_name or run_folder_name(dataset_name, cfg.seed))
+    if cfg.resume and base.is_dir() and (base / "config.json").exists():
+        saved = json.loads((base / "config.json").read_text())
+        defaults = dataclasses.asdict(Config())  # a setting the run predates has its default
+        changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k, defaults[k]) != v]
+        if changed:
+            k = changed[0]
+            raise UserError(f"--resume: {base} was started with --{k.replace('_', '-')}={saved.get(k, defaults[k])}, not {getattr(cfg, k)}; "
+                            "resume with the run's own settings")
+        return base, True
+    return base, False  # claimed() moves it to the next free name: never overwrite another run
+
+
+RESUMABLE = {"max_steps", "resume", "compile", "gpu", "wandb", "log_dir", "summarize", "offline", "regen_workers",
+             "threads", "eval_workers", "eval_threads", "checkpoint_every", "ray_address", "cpus_per_run", "gpus_per_run",
+             "max_retries"}  # may change on --resume
+
+
+def rng_states(device: torch.device) -> dict:
+    """Python's, numpy's and torch's CPU random states, and the training device's CUDA state (only its own: a
+    resume may see other GPUs, or fewer)."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+              "device_type": device.type}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict, device: torch.device) -> bool:
+    """Restores what rng_states saved; the CUDA state goes into the training device. False when the run was saved
+    on another device type: its draws came from another generator, and the caller restarts the streams."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states.get("device_type", "cpu") != device.type:
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+    return True
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Onto the CPU, whatever the training device: each piece then goes where it belongs (load_state_dict copies
+    into the device's tensors; random states must stay CPU byte tensors)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("checkpoint-*.pt"))
+
+
+def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
+    path = run_dir / f"checkpoint-{state['step']:09d}.pt"
+    atomic_write(path, lambda f: torch.save(state, f))
+    for old in checkpoints(run_dir)[:-keep]:
+        old.unlink()
+    return path
 
 
 def new_file_mode() -> int:
@@ -1377,33 +1785,8 @@ def atomic_write(path: Path, write, path_only: bool = False) -> None:
             os.unlink(tmp)
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM outside the training loop; `what` says what was stopped and what was kept. A
-    BaseException, like KeyboardInterrupt, so that no library's `except Exception` swallows it."""
-
-    def __init__(self, signum: int, what: str = ""):
-        super().__init__(signum)
-        self.signum, self.what = signum, what
-
-    @property
-    def code(self) -> int:
-        return EXIT_PREEMPTED if self.signum == signal.SIGTERM else EXIT_INTERRUPTED
-
-
-def raise_interrupted(signum: int) -> None:
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def on_signals(action):
-    """Inside the block, SIGINT and SIGTERM call action(signum): raise_interrupted stops whatever runs (loading,
-    downloading, regenerating); the training loop instead notes the signal and stops at the end of its step."""
-    previous = {sig: signal.signal(sig, lambda signum, frame: action(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
 
 
 @contextlib.contextmanager
@@ -1452,73 +1835,8 @@ class Busy(UserError):
         self.holder = holder
 
 
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
-
-
+# ---------------------------------------------------------------------------------------------- logs and plots
 CSV_FIELDS = ["step"] + METRICS + PROBE_FIELDS + ["eval_return", "eval_normalized_score"]
-RESUMABLE = {"max_steps", "resume", "compile", "gpu", "wandb", "log_dir", "summarize", "offline", "regen_workers",
-             "threads", "eval_workers", "eval_threads", "checkpoint_every", "ray_address", "cpus_per_run", "gpus_per_run",
-             "max_retries"}  # may change on --resume
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob("checkpoint-*.pt"))
-
-
-def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
-    path = run_dir / f"checkpoint-{state['step']:09d}.pt"
-    atomic_write(path, lambda f: torch.save(state, f))
-    for old in checkpoints(run_dir)[:-keep]:
-        old.unlink()
-    return path
-
-
-def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
-
-
-def plot_q_vs_return(ax, steps, q, band, data_return: float | None, bound: float | None) -> None:
-    """Q on the data's own pairs against the data's Monte-Carlo return of those pairs and the bound r_max/(1-gamma)."""
-    if len(steps):
-        ax.plot(steps, q, label="critics' Q on the data")
-        ax.fill_between(steps, *band, alpha=0.25)
-    if data_return is not None:
-        ax.axhline(data_return, color="tab:green", label="data's MC return")
-    if bound is not None:
-        ax.axhline(bound, color="tab:red", linestyle="--", label="r_max / (1 - gamma)")
-    ax.set_title("Q against the data's return")
-    ax.legend(fontsize=7, loc="upper left")
-
-
-def plot_curves(rows: list[dict], path: Path, title: str, bound: float | None = None) -> None:
-    """Learning curves of one run: normalised score, alpha, mean MMD, critic loss, and the critics' Q on the data
-    (the ensemble's mean, its min-max band) against the data's return, against steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 5, figsize=(22, 3.6))
-    panels = [("eval_normalized_score", "normalised score"), ("alpha", "alpha"), ("mmd", "mean MMD"),
-              ("critic_loss", "critic loss")]
-    for ax, (key, label) in zip(axes, panels):
-        if points := series(rows, key):
-            ax.plot(*zip(*points), marker="o" if key.startswith("eval") else None, markersize=3)
-        ax.set_title(label)
-    axes[1].set_yscale("log")
-    q = series(rows, "q_data")
-    band = [[v for _, v in series(rows, k)] for k in ("q_data_min", "q_data_max")]
-    data_return = series(rows, "return_data")
-    plot_q_vs_return(axes[4], [t for t, _ in q], [v for _, v in q], band, data_return[0][1] if data_return else None,
-                     bound)
-    for ax in axes:
-        ax.set_xlabel("gradient steps")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
-    plt.close(fig)
 
 
 def tag_group(key: str) -> str:
@@ -1597,13 +1915,51 @@ class Logger:
             self.wandb.finish()
 
 
-class Diverged(Exception):
-    pass
+def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
 
 
-class Stop(Exception):
-    def __init__(self, code: int):
-        self.code = code
+def plot_q_vs_return(ax, steps, q, band, data_return: float | None, bound: float | None) -> None:
+    """Q on the data's own pairs against the data's Monte-Carlo return of those pairs and the bound r_max/(1-gamma)."""
+    if len(steps):
+        ax.plot(steps, q, label="critics' Q on the data")
+        ax.fill_between(steps, *band, alpha=0.25)
+    if data_return is not None:
+        ax.axhline(data_return, color="tab:green", label="data's MC return")
+    if bound is not None:
+        ax.axhline(bound, color="tab:red", linestyle="--", label="r_max / (1 - gamma)")
+    ax.set_title("Q against the data's return")
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def plot_curves(rows: list[dict], path: Path, title: str, bound: float | None = None) -> None:
+    """Learning curves of one run: normalised score, alpha, mean MMD, critic loss, and the critics' Q on the data
+    (the ensemble's mean, its min-max band) against the data's return, against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 5, figsize=(22, 3.6))
+    panels = [("eval_normalized_score", "normalised score"), ("alpha", "alpha"), ("mmd", "mean MMD"),
+              ("critic_loss", "critic loss")]
+    for ax, (key, label) in zip(axes, panels):
+        if points := series(rows, key):
+            ax.plot(*zip(*points), marker="o" if key.startswith("eval") else None, markersize=3)
+        ax.set_title(label)
+    axes[1].set_yscale("log")
+    q = series(rows, "q_data")
+    band = [[v for _, v in series(rows, k)] for k in ("q_data_min", "q_data_max")]
+    data_return = series(rows, "return_data")
+    plot_q_vs_return(axes[4], [t for t, _ in q], [v for _, v in q], band, data_return[0][1] if data_return else None,
+                     bound)
+    for ax in axes:
+        ax.set_xlabel("gradient steps")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    plt.close(fig)
 
 
 # ============================================================================================== seed tables
@@ -1958,7 +2314,7 @@ def _started(run: SweepRun) -> bool:
         return False
 
 
-# ============================================================================================== main
+# ============================================================================================== command line and main
 def validate(cfg: Config) -> None:
     for name in ("max_steps", "batch_size", "num_critics", "num_target_samples", "mmd_samples", "eval_every",
                  "eval_episodes", "eval_candidates", "eval_threads", "log_every", "checkpoint_every", "actor_hidden",
@@ -2002,341 +2358,6 @@ def validate(cfg: Config) -> None:
             raise UserError("--wandb needs the wandb package: pip install wandb (or drop --wandb)")
 
 
-def pick_device(gpu: int) -> torch.device:
-    """The training device, made torch's current CUDA device: whatever uses the current device (stream queries, the
-    optimisers' checks, a stray .cuda()) then stays on it instead of opening a context on GPU 0. Called after the
-    data are prepared: regeneration forks its workers before CUDA is first touched."""
-    if gpu < 0:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        warn(f"--gpu={gpu} asked for CUDA, but CUDA is not available here: training on the CPU")
-        return torch.device("cpu")
-    if gpu >= torch.cuda.device_count():
-        raise UserError(f"--gpu={gpu} but this machine has {torch.cuda.device_count()} CUDA device(s); use 0.."
-                        f"{torch.cuda.device_count() - 1}, or -1 for the CPU")
-    device = torch.device("cuda", gpu)
-    torch.cuda.set_device(device)
-    return device
-
-
-def check_log_dir(folder: str) -> Path:
-    log_dir = Path(folder).expanduser()
-    if log_dir.exists() and not log_dir.is_dir():
-        raise UserError(f"--log-dir={log_dir} is a file, not a folder; pass a folder")
-    existing = next(p for p in [log_dir.absolute(), *log_dir.absolute().parents] if p.exists())
-    try:  # os.access says yes to root even on read-only file systems: try it
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as e:
-        raise UserError(f"--log-dir={log_dir} is not writable ({existing}: {e.strerror}); pass a folder you can write to")
-    return log_dir
-
-
-def run_folder_name(dataset_name: str, seed: int) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', dataset_name)}__seed{seed}"
-
-
-@contextlib.contextmanager
-def claimed(run_dir: Path, resuming: bool):
-    """The run's folder, held (file_lock) for the run's whole life. A new run makes its folder atomically, moving to
-    the next free name (...-2, -3) when another run took it first; a resumed run stops (exit 2) while another
-    process trains the same folder (a retry or a requeue while the first still lives). A new run that fails
-    before it wrote anything leaves no empty folder."""
-    base, i = run_dir, 1
-    while not resuming:
-        try:
-            run_dir.mkdir(parents=True)
-            break
-        except FileExistsError:
-            i += 1
-            run_dir = base.with_name(f"{base.name}-{i}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with file_lock(run_dir / ".lock", f"training {run_dir}", wait=False):
-            yield run_dir
-    except Busy as e:
-        raise UserError(f"{run_dir} is in use: {e}; wait for it to end, or stop it first") from None
-    except Exception as e:
-        e.crash_folder = run_dir  # main writes the traceback there
-        raise
-    finally:
-        if not resuming and not any(run_dir.iterdir()):
-            run_dir.rmdir()
-
-
-def prepare_run_dir(cfg: Config, dataset_name: str) -> tuple[Path, bool]:
-    """(run folder, whether it resumes). Checks the log folder before anything is written."""
-    log_dir = check_log_dir(cfg.log_dir)
-    base = log_dir / (cfg.run_name or run_folder_name(dataset_name, cfg.seed))
-    if cfg.resume and base.is_dir() and (base / "config.json").exists():
-        saved = json.loads((base / "config.json").read_text())
-        defaults = dataclasses.asdict(Config())  # a setting the run predates has its default
-        changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k, defaults[k]) != v]
-        if changed:
-            k = changed[0]
-            raise UserError(f"--resume: {base} was started with --{k.replace('_', '-')}={saved.get(k, defaults[k])}, not {getattr(cfg, k)}; "
-                            "resume with the run's own settings")
-        return base, True
-    return base, False  # claimed() moves it to the next free name: never overwrite another run
-
-
-def rng_states(device: torch.device) -> dict:
-    """Python's, numpy's and torch's CPU random states, and the training device's CUDA state (only its own: a
-    resume may see other GPUs, or fewer)."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-              "device_type": device.type}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def set_rng_states(states: dict, device: torch.device) -> bool:
-    """Restores what rng_states saved; the CUDA state goes into the training device. False when the run was saved
-    on another device type: its draws came from another generator, and the caller restarts the streams."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states.get("device_type", "cpu") != device.type:
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
-    return True
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Onto the CPU, whatever the training device: each piece then goes where it belongs (load_state_dict copies
-    into the device's tensors; random states must stay CPU byte tensors)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def train(cfg: Config) -> dict:
-    validate(cfg)
-    spec = resolve_dataset(cfg.dataset, cfg.env)
-    run_dir, resuming = prepare_run_dir(cfg, spec.name)
-    t_load = time.time()
-    loaded = load_data(spec, is_offline(cfg), cfg.regen_steps, cfg.regen_workers, cfg.gamma)
-    device = pick_device(cfg.gpu)  # after the data: no CUDA before regeneration forks its workers
-    if cfg.precision == "bf16" and device.type == "cuda" and (why := bf16_slow(device)):
-        raise UserError(f"--precision=bf16 needs a GPU with bf16 tensor cores (compute capability 8.0 or newer); "
-                        f"{device} has {why.split(':')[0]}: use --precision=fp32")
-    with claimed(run_dir, resuming) as run_dir, Run(cfg, spec, loaded, device, run_dir, resuming, t_load) as run:
-        agent, buffer = run.agent, run.buffer
-        for step in range(run.start + 1, cfg.max_steps + 1):
-            agent.update(buffer.sample(cfg.batch_size), step <= cfg.warmup_steps)
-            if step % cfg.log_every == 0 or run.is_eval(step):
-                run.log(step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                run.keep_checkpoint(step)
-            run.flush()
-            if run.stop:
-                run.stop_at(step)
-            run.progress(step)
-        return run.results()
-
-
-class Run:
-    """One run around the training loop: its data on the device, the agent, the log, the evaluation pool and the
-    bookkeeping, from a fresh start or from the newest checkpoint. Rows wait in `queue`, in step order, until their
-    evaluation is back; a checkpoint of step t (the training state as it was at t, kept in memory) waits until the
-    rows up to t are written, so that it never claims an evaluation it does not hold."""
-
-    def __init__(self, cfg: Config, spec: DatasetSpec, loaded: LoadedData, device: torch.device, run_dir: Path,
-                 resuming: bool, t_load: float):
-        self.cfg, self.device, self.run_dir, self.loaded, self.dataset_name = cfg, device, run_dir, loaded, spec.name
-        data, self.target = loaded.transitions, loaded.target
-        name = spec.name if loaded.source == "minari" else loaded.file.name
-        print(f"{name}: {len(data['observations'])} transitions, {int(data['terminals'].sum())} terminal "
-              f"({loaded.source}); found and loaded in {time.time() - t_load:.1f} s; device {device}", flush=True)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        probe = probe_rows(data["returns_complete"], cfg.probe_size)
-        self.probe_return = float(data["returns"][probe].mean()) if len(probe) else None
-        self.q_bound = q_bound(data["rewards"], cfg.gamma)
-        self.buffer = ReplayBuffer(data, device)
-        self.probe = [x[torch.as_tensor(probe, device=device)] for x in (self.buffer.obs, self.buffer.act)]
-        dims = self.buffer.obs.shape[1], self.buffer.act.shape[1]
-        kernel = cfg.kernel if cfg.kernel != "auto" else "gaussian" if loaded.kernel_env == "halfcheetah" else "laplacian"
-        self.agent = BEAR(cfg, *dims, kernel, device)
-        self.state = {"evals": [], "elapsed": 0.0, "train_seconds": 0.0, "trained_steps": 0, "last_log": 0,
-                      "csv_offset": None, "eval_wait_seconds": 0.0, "rng_restarts": []}
-        self.queue, self.stop, self.start = [], [], 0
-        ckpts = checkpoints(run_dir) if resuming else []
-        if ckpts:
-            self.resume(ckpts[-1])
-        else:
-            write_json(run_dir / "config.json", dataclasses.asdict(cfg) | {
-                "dataset_name": spec.name, "env_id": self.target.env_id, "kernel_used": kernel,
-                "dataset_file": str(loaded.file), "dataset_source": loaded.source, "dataset_notes": loaded.notes,
-                "device": str(device), "probe_pairs": len(probe), "probe_return": self.probe_return,
-                "q_bound": self.q_bound})
-        self.logger = Logger(run_dir, cfg, self.state["csv_offset"], f"BEAR {spec.name} seed {cfg.seed}", self.q_bound)
-        self.precision_note = bf16_slow(device) if cfg.precision == "bf16" else ""
-        if self.precision_note:
-            warn(f"--precision=bf16 on {device}: {self.precision_note}; training goes on in bf16 (results.json says so)")
-        workers = eval_workers(cfg, device)
-        print(f"evaluation: {f'{workers} worker process(es), {cfg.eval_threads} thread(s) each' if workers else 'in the training process'}"
-              f" ({usable_cpus()} usable cores, training on {device} with {torch.get_num_threads()} thread(s))", flush=True)
-        self.pool = EvalPool(workers, (self.target, cfg, dims, cfg.eval_threads), run_dir / "eval-workers.log")
-        for item in self.queue:  # evaluations a signal interrupted: done again, from their snapshots
-            if "snapshot" in item:
-                self.pool.submit(item["step"], item["snapshot"], self.stop)
-        from tqdm import tqdm
-
-        self.tqdm = tqdm
-        self.bar = tqdm(total=cfg.max_steps, initial=self.start, unit="step", dynamic_ncols=True,
-                        mininterval=1 if sys.stderr.isatty() else 30)
-        self.t_start = self.t_interval = time.time()
-        self.elapsed_before = self.state["elapsed"]
-
-    def resume(self, path: Path) -> None:
-        saved = load_checkpoint(path)
-        self.agent.load_state_dict(saved["agent"])
-        self.state = saved["state"]
-        self.queue = self.state.pop("pending", [])
-        self.start = saved["step"]
-        if not set_rng_states(saved["rng"], self.device):
-            saved_on = saved["rng"].get("device_type", "cpu")
-            warn(f"{path.name} was saved on {saved_on}, this run resumes on {self.device}: the random streams "
-                 "restart here, so the run is no longer bitwise reproducible (results.json records it)")
-            torch.manual_seed(int(np.random.SeedSequence([self.cfg.seed, self.start]).generate_state(1)[0]))
-            self.state["rng_restarts"].append({"step": self.start, "saved_on": saved_on, "resumed_on": str(self.device)})
-        print(f"resuming {self.run_dir} from {path.name} (step {self.start})", flush=True)
-
-    def __enter__(self):
-        self.signals = on_signals(self.stop.append)  # a signal is noted, and the loop stops at the end of its step
-        self.signals.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.close()
-        self.pool.close()
-        self.logger.close()
-        self.signals.__exit__(*exc)
-
-    def is_eval(self, step: int) -> bool:
-        return step % self.cfg.eval_every == 0 or step == self.cfg.max_steps
-
-    def log(self, step: int) -> None:
-        """The interval's means (read back once) and Q on the data, as a row; at an evaluation step the snapshot
-        goes to the pool and the row waits for it."""
-        agent, state = self.agent, self.state
-        sums, first_bad = agent.metric_sum.tolist(), agent.first_nonfinite.tolist()  # the one read-back
-        agent.metric_sum.zero_()
-        if max(first_bad) >= 0:
-            i = min((b, j) for j, b in enumerate(first_bad) if b >= 0)[1]
-            raise Diverged(f"{LOSSES[i]} became non-finite at step {first_bad[i]}; the newest checkpoint in "
-                           f"{self.run_dir} is from before it (try a lower learning rate or another seed)")
-        now = time.time()
-        rate = (step - state["last_log"]) / max(now - self.t_interval, 1e-9)
-        state["train_seconds"] += now - self.t_interval
-        state["trained_steps"] += step - state["last_log"]
-        values = {"step": step} | {k: v / (step - state["last_log"]) for k, v in zip(METRICS, sums)}
-        if self.probe_return is not None:
-            with matmul_precision(self.cfg.precision, self.device):
-                values |= q_vs_return(agent.critics, *self.probe, self.probe_return)
-        state["last_log"] = step
-        item = {"step": step, "values": values, "rate": rate}
-        self.queue.append(item)
-        if self.is_eval(step):
-            item["snapshot"] = eval_snapshot(agent)
-            self.pool.submit(step, item["snapshot"], self.stop)
-        self.t_interval = time.time()
-
-    def bookkeeping(self) -> dict:
-        return self.state | {"elapsed": self.elapsed_before + time.time() - self.t_start,
-                             "eval_wait_seconds": self.pool.waited}
-
-    def keep_checkpoint(self, step: int) -> None:
-        """The training state as it is now, kept in memory until the rows up to this step are written."""
-        state = {k: v for k, v in self.bookkeeping().items() if k not in ("evals", "csv_offset")}
-        self.queue.append({"step": step, "checkpoint": {"step": step, "agent": cpu_copy(self.agent.state_dict()),
-                                                        "rng": rng_states(self.device), "state": state}})
-
-    def flush(self, wait: bool = False) -> None:
-        """Writes every row whose evaluation is back, and every checkpoint whose rows are all written, in step order."""
-        while self.queue:
-            item = self.queue[0]
-            if "snapshot" in item:
-                returns = self.pool.result(item["step"], wait, self.stop)
-                if returns is None:
-                    return
-                self.write_evaluation(item["step"], item["values"], returns)
-            if "values" in item:
-                self.logger.write(item["step"], item["values"], item["rate"])
-            if "checkpoint" in item:
-                checkpoint = item["checkpoint"]
-                checkpoint["state"] |= {"evals": list(self.state["evals"]), "csv_offset": self.logger.offset()}
-                save_checkpoint(self.run_dir, checkpoint | {"config": dataclasses.asdict(self.cfg)})
-            self.queue.pop(0)
-
-    def write_evaluation(self, step: int, values: dict, returns: np.ndarray) -> None:
-        ret = float(returns.mean())
-        score = normalized_score(ret, self.target.score_range)
-        self.state["evals"].append((step, ret, score))
-        values |= {"eval_return": ret} | ({"eval_normalized_score": score} if score is not None else {})
-        shown = f"normalised score {score:6.1f}" if score is not None else "(no reference scores)"
-        self.tqdm.write(f"step {step:>8}  return {ret:8.1f}  {shown}  alpha {values['alpha']:.3g}"
-                        f"  mmd {values['mmd']:.3f}  critic loss {values['critic_loss']:.3g}")
-        self.bar.set_postfix(score=f"{score if score is not None else ret:.1f}")
-
-    def stop_at(self, step: int) -> None:
-        """After a signal: a checkpoint of the training state now that also holds the rows still waiting for their
-        evaluations, with those evaluations' snapshots (--resume does them again); then the documented exit."""
-        pending = [{k: v for k, v in item.items() if k != "checkpoint"} for item in self.queue if "values" in item]
-        save_checkpoint(self.run_dir, {"step": step, "agent": self.agent.state_dict(), "rng": rng_states(self.device),
-                                       "state": self.bookkeeping() | {"csv_offset": self.logger.offset(),
-                                                                      "pending": pending},
-                                       "config": dataclasses.asdict(self.cfg)})
-        print(f"\nstopped by signal at step {step}; checkpoint saved in {self.run_dir}; continue with the same "
-              "command plus --resume", file=sys.stderr, flush=True)
-        raise Stop(EXIT_PREEMPTED if self.stop[0] == signal.SIGTERM else EXIT_INTERRUPTED)
-
-    def progress(self, step: int) -> None:
-        if step % 100 == 0 or step == self.cfg.max_steps:
-            self.bar.update(step - self.bar.n)
-
-    def results(self) -> dict:
-        t = time.time()
-        self.flush(wait=True)  # the final evaluation
-        if self.stop:
-            self.stop_at(self.cfg.max_steps)
-        self.bar.close()
-        final_wait, state, loaded = time.time() - t, self.bookkeeping(), self.loaded
-        _, returns, scores = zip(*state["evals"])
-        results = {
-            "dataset": self.dataset_name,
-            "env_id": self.target.env_id, "seed": self.cfg.seed, "steps": self.cfg.max_steps,
-            "final_normalized_score": scores[-1], "best_normalized_score": None if scores[-1] is None else max(scores),
-            "final_return": returns[-1], "best_return": max(returns),
-            "wall_clock_seconds": round(state["elapsed"], 2),
-            "train_steps_per_second": round(state["trained_steps"] / max(state["train_seconds"], 1e-9), 2),
-            "precision": self.cfg.precision, "precision_note": self.precision_note,
-            "eval_workers": self.pool.n, "eval_wait_seconds": round(state["eval_wait_seconds"] - final_wait, 2),
-            "final_eval_wait_seconds": round(final_wait, 2),
-            "device": str(self.device), "dataset_source": loaded.source, "dataset_file": str(loaded.file),
-            "dataset_notes": loaded.notes, "comparable_with_published": loaded.source in ("cache", "download") and not loaded.notes,
-            "probe_pairs": len(self.probe[0]), "probe_return": self.probe_return, "q_bound": self.q_bound,
-            "rng_restarts": state["rng_restarts"], "run_dir": str(self.run_dir),
-        }
-        write_json(self.run_dir / "results.json", results)
-        print(json.dumps({k: results[k] for k in ("final_normalized_score", "best_normalized_score", "steps",
-                                                 "train_steps_per_second", "dataset_source")}), flush=True)
-        return results
-
-
-def cpu_copy(obj):
-    """A deep copy with every tensor cloned onto the CPU: a state dict kept while training goes on."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return obj
-
-
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
@@ -2358,13 +2379,15 @@ def parse_args(argv: list[str] | None = None) -> list[Config]:
     parser = OneLineParser(prog="bear-train.py", description="BEAR (Kumar et al. 2019) on D4RL MuJoCo data.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     lists = {"dataset": (parse_datasets, "NAMES"), "seed": (parse_seeds, "SEEDS")}
+    groups = {title: parser.add_argument_group(title) for title in SECTIONS}
     for f in dataclasses.fields(Config):
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        group = groups[f.metadata["section"]]
         if f.type is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
             kind, metavar = lists.get(f.name, ({int: parse_int, float: float, str: str}[f.type], f.type.__name__.upper()))
-            parser.add_argument(*flags, type=kind, default=f.default, help=f.metadata["help"], metavar=metavar)
+            group.add_argument(*flags, type=kind, default=f.default, help=f.metadata["help"], metavar=metavar)
     values = vars(parser.parse_args(argv))
     datasets, seeds = (v if isinstance(v, list) else [v] for v in (values["dataset"], values["seed"]))
     return [Config(**values | {"dataset": d, "seed": s}) for d in datasets for s in seeds]

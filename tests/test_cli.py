@@ -177,3 +177,28 @@ def test_bad_files_and_folders_are_one_line_exit_2_and_change_nothing(tmp_path, 
     assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr and "Traceback" not in out.stderr
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "runs").exists()
+
+
+def test_help_is_grouped_as_config_is(bear, tmp_path):
+    """Every flag in exactly one --help group; the groups are Config's sections, in Config's order, and each field
+    sits under the section() above it."""
+    import dataclasses
+
+    assert bear.SECTIONS[:5] == ["run", "BEAR", "networks and optimisers", "evaluation and logging", "data"]
+    assert bear.SECTIONS[5].startswith("sweep") and len(bear.SECTIONS) == 6
+    parser_groups = {}
+    real = bear.OneLineParser.parse_args
+    bear.OneLineParser.parse_args = lambda self, argv=None: parser_groups.update(
+        {g.title: [a.dest for a in g._group_actions] for g in self._action_groups}) or real(self, argv)
+    try:
+        bear.parse_args([])
+    finally:
+        bear.OneLineParser.parse_args = real
+    fields = [f.name for f in dataclasses.fields(bear.Config)]
+    grouped = [dest for title in bear.SECTIONS for dest in parser_groups[title]]
+    assert sorted(grouped) == sorted(fields) and len(grouped) == len(set(grouped))  # each in exactly one group
+    assert grouped == fields  # in Config's order, section by section
+    assert parser_groups["BEAR"][0] == "gamma" and parser_groups["data"] == ["regen_steps", "regen_workers", "offline"]
+    out = run(["--help"], tmp_path, tmp_path / "cache")
+    positions = [out.stdout.index(f"\n{title}:\n") for title in bear.SECTIONS]
+    assert positions == sorted(positions)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import SCRIPT, write_d4rl_file
+from test_prepare import alive, children
 
 TINY = ["--actor-hidden=16", "--critic-hidden=16", "--vae-hidden=16", "--batch-size=16", "--warmup-steps=20",
         "--log-every=10", "--eval-episodes=2", "--eval-candidates=4", "--gpu=-1", "--threads=1"]
@@ -142,28 +143,13 @@ EvalPool.submit = _recording_submit
 
 
 def descendants(pid):
+    """The living processes below pid."""
     found, todo = [], [pid]
     while todo:
-        parent = todo.pop()
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        fields = f.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == parent and fields[0] != "Z":
-                    found.append(int(entry))
-                    todo.append(int(entry))
+        below = [child for child in children(todo.pop()) if alive(child)]
+        found += below
+        todo += below
     return found
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_for(path, proc, timeout=300):
