@@ -207,8 +207,8 @@ class Actor(nn.Module):
 class QEnsemble(nn.Module):
     """K critics (s, a) -> 256 -> 256 -> 1, their weights stacked as [K, in, out]. With n actions per state
     ([B, n, A]) the state part of the first layer is computed once per state. The members run one after another
-    as plain 2-D matrix multiplies: on the CPU that beat one batched bmm at K=2 and K=10 (benchmarks/speed.py);
-    with --compile on a GPU, CUDA graphs remove the per-member launch cost."""
+    as plain 2-D matrix multiplies: on the CPU that beat one batched bmm at K=2 and K=10 (benchmarks/speed.py).
+    On a GPU each member is its own kernel launches (unmeasured)."""
 
     def __init__(self, state_dim: int, action_dim: int, hidden: int, k: int):
         super().__init__()
@@ -233,8 +233,9 @@ class QEnsemble(nn.Module):
 # ---------------------------------------------------------------------------------------------- bf16 matrix multiplies
 # --precision=bf16: the networks' matrix multiplies (addmm, matmul, linear) take bf16 inputs and accumulate in
 # float32 (torch.autocast); every network hands its outputs back in its weights' dtype, float32 (the .to(dtype)
-# calls above, no-ops without autocast). So the equations that cancel or exponentiate (the kernels and the MMD, the target's min/max mix, the KL, the
-# dual step), the losses, the master weights, the optimisers' states and the Polyak average stay float32.
+# calls above, no-ops without autocast). So the equations that cancel or exponentiate (the kernels and the MMD,
+# the target's min/max mix, the KL, the dual step), the losses, the master weights, the optimisers' states and
+# the Polyak average stay float32.
 BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}  # a CPU multiplies bf16 fast only with one of these
 
 
@@ -455,10 +456,14 @@ class Evaluator:
         self.envs = [target.make() for _ in range(cfg.eval_episodes)]
         self.seeds = [10_000 + 1_000 * cfg.seed + i for i in range(cfg.eval_episodes)]
 
-    @torch.no_grad()
     def __call__(self, snapshot: dict, step: int) -> np.ndarray:
-        self.actor.load_state_dict(snapshot["actor"])
-        self.critics.load_state_dict(snapshot["critics"])
+        with torch.no_grad():
+            self.actor.load_state_dict(snapshot["actor"])
+            self.critics.load_state_dict(snapshot["critics"])
+        with torch.inference_mode():  # no autograd bookkeeping at all, for 1 000 forward passes
+            return self.episodes(step)
+
+    def episodes(self, step: int) -> np.ndarray:
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         obs = np.stack([self.target.observe(env.reset(seed=s)[0]) for env, s in zip(self.envs, self.seeds)])
         obs = obs.astype(np.float32)  # [E, S]: the networks' dtype, rounded once per step as torch would

@@ -364,11 +364,27 @@ def worker_data(args) -> dict:
     bear = load_bear()
     torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    transitions = bear.to_transitions(bear.read_d4rl(Path(args.file), "walker2d"))
+    raw = bear.read_d4rl(Path(args.file), "walker2d")
+    transitions = bear.to_transitions(raw)
     buffer = bear.ReplayBuffer(transitions, torch.device("cpu"))
     seconds = time.perf_counter() - t
-    return {"seconds": seconds, "transitions": buffer.size,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    n = len(raw["rewards"])  # the Monte-Carlo returns alone, as to_transitions computes them (once per run)
+    t = time.perf_counter()
+    bear.discounted_returns(raw["rewards"].reshape(n), raw["terminals"].reshape(n) > 0,
+                            (raw["terminals"] + raw["timeouts"]).reshape(n) > 0, 0.99)
+    returns_seconds = time.perf_counter() - t
+    cfg = bear.Config()  # the Q probe as train() reads it once per logging interval, at the default sizes
+    critics = bear.QEnsemble(buffer.obs.shape[1], buffer.act.shape[1], cfg.critic_hidden, cfg.num_critics)
+    probe = torch.as_tensor(bear.probe_rows(transitions["returns_complete"], cfg.probe_size))
+    s, a = buffer.obs[probe], buffer.act[probe]
+    times = []
+    for _ in range(21):
+        t = time.perf_counter()
+        bear.q_vs_return(critics, s, a, 1.0)
+        times.append(time.perf_counter() - t)
+    return {"seconds": seconds, "transitions": buffer.size, "peak_rss_gb": peak, "returns_seconds": returns_seconds,
+            "probe_pairs": len(probe), "probe_ms": 1000 * sorted(times)[10]}
 
 
 def worker_regen(args) -> dict:
@@ -586,7 +602,11 @@ def main():
             write_million(path, n=10_000 if tiny else 1_000_000)
             d = spawn("data", file=path)
         row(f"load {d['transitions'] + 1} rows into training tensors (s)", f"{d['seconds']:.1f}",
-            f"peak RSS {d['peak_rss_gb']:.2f} GB, {d['transitions']} transitions, gzip like D4RL's")
+            f"peak RSS {d['peak_rss_gb']:.2f} GB, {d['transitions']} transitions, gzip like D4RL's; of which the "
+            f"data's Monte-Carlo returns {d['returns_seconds']:.2f} s")
+        row(f"the Q probe, {d['probe_pairs']} pairs through the K=2 critics (ms)", f"{d['probe_ms']:.1f}",
+            f"median of 21; once per logging interval (--log-every, 1 000 updates), outside the update; "
+            f"{args.threads} threads")
     if "regen" in args.parts:
         one, two = (spawn("regen", regen_steps=args.regen_steps, regen_workers=w) for w in (1, 2))
         for workers, r in ((1, one), (2, two)):
@@ -644,27 +664,32 @@ def evalpool_part(args, tiny) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "halfcheetah_synthetic.hdf5"
         write_million(path, n=2000 if tiny else 100_000)
-        for name, flags in (("off", [f"--eval-every={args.pool_steps}", "--eval-workers=1"]),
-                            ("pool", [f"--eval-every={every}", "--eval-workers=1"]),
-                            ("in process", [f"--eval-every={every}", "--eval-workers=0"])):
+        variants = (("off", [f"--eval-every={args.pool_steps}", "--eval-workers=1"], pool_core),
+                    ("pool", [f"--eval-every={every}", "--eval-workers=1"], pool_core),
+                    ("pool on the training core", [f"--eval-every={every}", "--eval-workers=1"], train_core),
+                    ("in process", [f"--eval-every={every}", "--eval-workers=0"], pool_core))
+        for name, flags, worker_core in variants:
             proc = run_script(path, tmp, tiny, "--gpu=-1", "--threads=1", "--warmup-steps=0", f"--run-name={name}",
                               f"--max-steps={args.pool_steps}", *flags, popen=True)
             os.sched_setaffinity(proc.pid, {train_core})
-            while proc.poll() is None:  # the worker (a child of the training process) goes to the other core
+            while proc.poll() is None:  # the worker (a child of the training process) goes to its core
                 for child in children(proc.pid):
                     with contextlib.suppress(OSError):
-                        os.sched_setaffinity(child, {pool_core})
+                        os.sched_setaffinity(child, {worker_core})
                 time.sleep(0.5)
             if proc.returncode != 0:
                 raise RuntimeError(f"bear-train.py failed:\n{proc.stderr.read()[-3000:]}")
             results = json.loads((Path(tmp) / "runs" / name / "results.json").read_text())
             walls[name] = results["wall_clock_seconds"]
             waited = results["eval_wait_seconds"] + results["final_eval_wait_seconds"]
-            row(f"{args.pool_steps} steps, evaluation {name if name == 'off' else 'every ' + str(every) + ' steps ' + name} "
-                "(wall s)", f"{walls[name]:.0f}", f"training on core {train_core}, 1 thread; the pool on core "
-                f"{pool_core}; waited for evaluations {waited:.1f} s in all")
+            row(f"{args.pool_steps} steps, evaluation {'only at the end (off)' if name == 'off' else 'every ' + str(every) + ' steps, ' + name} "
+                "(wall s)", f"{walls[name]:.0f}", f"training on core {train_core}, 1 thread; "
+                f"{'no worker' if name == 'in process' else f'the worker on core {worker_core}'}; waited for "
+                f"evaluations {waited:.1f} s in all")
     row("evaluation in the pool, wall time over evaluation off", f"{walls['pool'] / walls['off']:.3f}x",
-        f"same run; {len(cores)} usable cores")
+        f"same run; {len(cores)} usable cores; the worker on a spare core")
+    row("the pool without a spare core, over evaluation off", f"{walls['pool on the training core'] / walls['off']:.3f}x",
+        "same run; the worker shares the training core")
     row("evaluation in the training process, wall time over evaluation off", f"{walls['in process'] / walls['off']:.3f}x",
         "same run (--eval-workers=0)")
 
@@ -692,9 +717,12 @@ def bf16_part(args, tiny) -> None:
     row("bf16 over fp32", f"{statistics.median(paired):.2f}x", f"median of the per-round ratios; this CPU: "
         f"{cpu_flags()}; bf16 is fast only with amx_bf16 or avx512_bf16")
     for dtype in ("fp32", "bf16"):
-        fraction = [x / y for x, y in zip(rate[dtype], rate[f"{dtype} matmuls"])]
-        row(f"{dtype} arithmetic limit (steps/s)", f"{median[f'{dtype} matmuls']:.1f}",
-            f"the step's matmuls alone in {dtype}; the update reaches {statistics.median(fraction):.0%} of it")
+        fraction = statistics.median(x / y for x, y in zip(rate[dtype], rate[f"{dtype} matmuls"]))
+        how = f"the step's matmuls alone in {dtype}, as contiguous torch.mm; the update runs at {fraction:.0%} of it"
+        if fraction > 1:  # then it is no limit: the layers' own operand layouts ran faster than contiguous ones
+            how += (" (above 100 %: not a limit on this CPU, whose bf16 kernels for contiguous operands are slower "
+                    "than for the transposed weights nn.Linear passes)")
+        row(f"{dtype} matmuls alone (steps/s)", f"{median[f'{dtype} matmuls']:.1f}", how)
     if "d3rlpy" in rate:
         paired = [b / d for b, d in zip(rate["bf16"], rate["d3rlpy"])]
         row("bf16 update over d3rlpy 2.8.1 (fp32), same run", f"{statistics.median(paired):.2f}x",

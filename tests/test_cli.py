@@ -10,7 +10,7 @@ import pytest
 
 from conftest import SCRIPT, write_d4rl_file
 
-SHORT = ["--max-steps=300", "--warmup-steps=100", "--eval-every=150", "--eval-episodes=2"]
+SHORT = ["--max-steps=60", "--warmup-steps=20", "--eval-every=30", "--eval-episodes=2"]  # the default networks
 
 
 def run(args, cwd, cache, timeout=600):
@@ -42,7 +42,7 @@ def test_reference_command_on_a_cached_file(tmp_path):
     assert results["final_return"] == pytest.approx(returns[-1], rel=1e-8)
     assert results["best_return"] == pytest.approx(max(returns), rel=1e-8)
     assert scores[-1] == pytest.approx(100 * (returns[-1] - 1.629008) / (4592.3 - 1.629008), rel=1e-6)  # D4RL's constants
-    assert results["steps"] == 300 and results["dataset_source"] == "cache" and results["device"] == "cpu"
+    assert results["steps"] == 60 and results["dataset_source"] == "cache" and results["device"] == "cpu"
     assert "bytes, D4RL publishes 216109364" in results["dataset_notes"][0]  # the small file's size is recorded
     assert results["comparable_with_published"] is False
     assert results["wall_clock_seconds"] > 0 and results["train_steps_per_second"] > 0
@@ -50,9 +50,9 @@ def test_reference_command_on_a_cached_file(tmp_path):
     assert rows[0].split(",") == ["step", "vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "mmd", "q_mean",
                                   "q_data", "q_data_min", "q_data_max", "return_data", "q_gap", "q_ratio",
                                   "eval_return", "eval_normalized_score"]
-    assert [r.split(",")[0] for r in rows[1:]] == ["150", "300"] and all(r.split(",")[-1] for r in rows[1:])
+    assert [r.split(",")[0] for r in rows[1:]] == ["30", "60"] and all(r.split(",")[-1] for r in rows[1:])
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["max_steps"] == 300 and config["kernel_used"] == "laplacian" and config["env_id"] == "Walker2d-v4"
+    assert config["max_steps"] == 60 and config["kernel_used"] == "laplacian" and config["env_id"] == "Walker2d-v4"
     assert (run_dir / "curves.png").stat().st_size > 1000
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert "CUDA is not available" in out.stderr or "cuda" in results["device"]

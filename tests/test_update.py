@@ -327,3 +327,15 @@ def test_the_update_is_the_spec_step_by_step(bear, k, kernel, actor_q):
         metrics_script = dict(zip(bear.METRICS, agent.metric_sum.tolist()))
         agent.metric_sum.zero_()
         compare(agent, reference, metrics_script, metrics_reference)
+
+
+def test_every_mistake_of_the_mutation_check_still_applies():
+    """tests/mutations.py runs by hand; this keeps its list from going stale unseen."""
+    import mutations
+    from conftest import SCRIPT
+
+    source = SCRIPT.read_text()
+    assert len(mutations.MUTATIONS) >= 15
+    for area, mistake, old, new in mutations.MUTATIONS:
+        assert source.count(old) == 1, f"{area}: {mistake}: its piece is not in bear-train.py exactly once"
+        compile(source.replace(old, new), "bear-train.py", "exec")
