@@ -1799,7 +1799,9 @@ def file_lock(lock: Path, doing: str, wait: bool):
     """The one lock helper: an flock on the file `lock`, which names its holder's process (and host). wait=True
     waits for the holder, saying so once; wait=False raises Busy naming it. The kernel drops an flock when its
     holder dies, so a killed process never leaves a lock that blocks; the holder removes the file on its way out,
-    while it still holds it (a waiter that then locks the removed file tries again)."""
+    while it still holds it (a waiter that then locks the removed file tries again). Not filelock (4.3.1, installed
+    with torch): its FileLock leaves the lock file behind on release and writes nothing into it, so a waiter could
+    not name the holder; both are tested behaviours here."""
     import fcntl
     import socket
 
