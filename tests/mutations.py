@@ -125,6 +125,7 @@ def run_fast_tests(folder: Path) -> subprocess.CompletedProcess:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list", action="store_true", help="print the mutations and stop")
+    p.add_argument("--start", type=int, default=1, help="begin at this mutation (1 = the first), to finish a run cut short")
     args = p.parse_args()
     source = (ROOT / "bear-train.py").read_text()
     if args.list:
@@ -140,7 +141,7 @@ def main() -> int:
         if run_fast_tests(folder).returncode != 0:
             print("the fast tests fail on the unmutated script: fix that first", file=sys.stderr)
             return 2
-        for area, mistake, old, new in MUTATIONS:
+        for area, mistake, old, new in MUTATIONS[args.start - 1:]:
             text = mutated(source, old, new)
             if text is None:
                 print(f"| {area} | {mistake} | STALE: the piece is not in the script once |  |", flush=True)
@@ -155,7 +156,9 @@ def main() -> int:
             verdict = failed[0].split("::")[-1].split("[")[0] if failed else "MISSED" if out.returncode == 0 else \
                 f"exit {out.returncode}"
             print(f"| {area} | {mistake} | {verdict} | {time.time() - t:.0f} |", flush=True)
-    print(f"\n{len(MUTATIONS) - missed} of {len(MUTATIONS)} caught", flush=True)
+    tried = len(MUTATIONS) - args.start + 1
+    print(f"\n{tried - missed} of {tried} caught" + (f" (mutations {args.start} to {len(MUTATIONS)})" if args.start > 1
+                                                     else ""), flush=True)
     return 1 if missed else 0
 
 

@@ -29,7 +29,9 @@ def test_reference_command_on_a_cached_file(tmp_path):
     cached = cache / "walker2d_random-v2.hdf5"
     write_d4rl_file(cached, n=2000)
     before = digest(cached)
-    out = run(["--dataset=walker2d-random-v2", "--seed=0", "--gpu=0", *SHORT], tmp_path, cache)
+    # six evaluations, on one thread so that they are the same everywhere: their best is not their last
+    out = run(["--dataset=walker2d-random-v2", "--seed=0", "--gpu=0", *SHORT, "--eval-every=10", "--threads=1"],
+              tmp_path, cache)
     assert out.returncode == 0, out.stderr
     assert digest(cached) == before  # the cached file is read, never touched
     run_dir = tmp_path / "runs" / "walker2d-random-v2__seed0"
@@ -38,6 +40,7 @@ def test_reference_command_on_a_cached_file(tmp_path):
     scores = [float(row.split(",")[-1]) for row in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
     assert results["final_normalized_score"] == pytest.approx(scores[-1], rel=1e-8)  # the last evaluation's
     assert results["best_normalized_score"] == pytest.approx(max(scores), rel=1e-8)  # the best evaluation's
+    assert max(scores) > scores[-1]  # so the line above tells "best" from "last"
     returns = [float(row.split(",")[-2]) for row in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
     assert results["final_return"] == pytest.approx(returns[-1], rel=1e-8)
     assert results["best_return"] == pytest.approx(max(returns), rel=1e-8)
@@ -50,7 +53,7 @@ def test_reference_command_on_a_cached_file(tmp_path):
     assert rows[0].split(",") == ["step", "vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "mmd", "q_mean",
                                   "q_data", "q_data_min", "q_data_max", "return_data", "q_gap", "q_ratio",
                                   "eval_return", "eval_normalized_score"]
-    assert [r.split(",")[0] for r in rows[1:]] == ["30", "60"] and all(r.split(",")[-1] for r in rows[1:])
+    assert [r.split(",")[0] for r in rows[1:]] == ["10", "20", "30", "40", "50", "60"] and all(r.split(",")[-1] for r in rows[1:])
     config = json.loads((run_dir / "config.json").read_text())
     assert config["max_steps"] == 60 and config["kernel_used"] == "laplacian" and config["env_id"] == "Walker2d-v4"
     assert (run_dir / "curves.png").stat().st_size > 1000
