@@ -16,7 +16,7 @@ import torch
 
 from conftest import SCRIPT, write_d4rl_file
 
-SMALL = ["--actor-hidden=16", "--critic-hidden=16", "--vae-hidden=16", "--batch-size=16", "--warmup-steps=100",
+SMALL = ["--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=64", "--batch-size=64", "--warmup-steps=100",
          "--log-every=25", "--eval-episodes=1", "--eval-candidates=10", "--gpu=-1"]
 
 
@@ -126,7 +126,7 @@ def test_a_killed_run_is_retried_and_ends_as_if_never_killed(ray_address, data, 
 
 
 def test_a_stopped_driver_continues_with_the_same_command(ray_address, data, tmp_path):
-    cmd = sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5", data / "hopper_b.hdf5"], "0-1", 800, 100)
+    cmd = sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5", data / "hopper_b.hdf5"], "0-1", 1500, 100)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=ENV)
     deadline = time.time() + 600
@@ -153,7 +153,7 @@ def test_a_stopped_driver_continues_with_the_same_command(ray_address, data, tmp
     for name, mtime in finished.items():  # not run again
         assert (tmp_path / name / "results.json").stat().st_mtime_ns == mtime
     for name in folders(tmp_path):
-        assert json.loads((tmp_path / name / "results.json").read_text())["steps"] == 800
+        assert json.loads((tmp_path / name / "results.json").read_text())["steps"] == 1500
     for name in unfinished:  # stopped with a checkpoint, then continued from it
         log = (tmp_path / "sweep-logs" / f"{name}.log").read_text()
         assert log.count("=== started") == 2 and "resuming" in log, log
