@@ -25,6 +25,16 @@ def bear():
     return load_script()
 
 
+def random_transitions(n, obs_dim=17, act_dim=6, terminal_rate=0.05, action_bound=1.0, seed=0):
+    """Training transitions of random numbers, in to_transitions' layout (for tests that need no episodes)."""
+    rng = np.random.default_rng(seed)
+    return {"observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
+            "actions": rng.uniform(-action_bound, action_bound, (n, act_dim)).astype(np.float32),
+            "rewards": rng.normal(size=n).astype(np.float32),
+            "next_observations": rng.normal(size=(n, obs_dim)).astype(np.float32),
+            "terminals": (rng.random(n) < terminal_rate).astype(np.float32)}
+
+
 def write_d4rl_file(path, n=2000, obs_dim=17, act_dim=6, episode_len=50, seed=0, column_rewards=False, **override):
     """A small file in D4RL's v2 layout: episodes of `episode_len` rows, odd episodes end in a termination,
     even ones in a timeout. Returns the arrays written."""

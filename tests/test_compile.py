@@ -1,19 +1,15 @@
 """--compile: torch.compile of the update gives the same losses as the eager update (CPU, float tolerance)."""
-import numpy as np
 import pytest
 import torch
+
+from conftest import random_transitions
 
 
 def test_compiled_update_matches_eager(bear):
     import torch._inductor.config as inductor_config
 
     inductor_config.fallback_random = True  # the compiled graph draws the same random numbers as eager
-    rng = np.random.default_rng(0)
-    data = {"observations": rng.normal(size=(500, 17)).astype(np.float32),
-            "actions": rng.uniform(-1, 1, (500, 6)).astype(np.float32),
-            "rewards": rng.normal(size=500).astype(np.float32),
-            "next_observations": rng.normal(size=(500, 17)).astype(np.float32),
-            "terminals": (rng.random(500) < 0.1).astype(np.float32)}
+    data = random_transitions(500, terminal_rate=0.1)
     buffer = bear.ReplayBuffer(data, torch.device("cpu"))
     batches = [buffer.sample(32) for _ in range(4)]
     sums = []

@@ -5,23 +5,17 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import SCRIPT, write_d4rl_file
+from conftest import SCRIPT, random_transitions, write_d4rl_file
 
 TINY = ["--actor-hidden=16", "--critic-hidden=16", "--vae-hidden=16", "--batch-size=16", "--warmup-steps=10",
         "--log-every=10", "--eval-episodes=1", "--eval-candidates=4", "--gpu=-1", "--eval-workers=0"]
 
 
 def buffer_and_agents(bear, precision_pairs=("fp32", "bf16"), hidden=32):
-    rng = np.random.default_rng(0)
-    data = {"observations": rng.normal(size=(2000, 17)).astype(np.float32),
-            "actions": rng.uniform(-1, 1, (2000, 6)).astype(np.float32),
-            "rewards": rng.normal(size=2000).astype(np.float32),
-            "next_observations": rng.normal(size=(2000, 17)).astype(np.float32),
-            "terminals": (rng.random(2000) < 0.05).astype(np.float32)}
+    data = random_transitions(2000)
     buffer = bear.ReplayBuffer(data, torch.device("cpu"))
     agents = []
     for precision in precision_pairs:

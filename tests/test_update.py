@@ -216,9 +216,10 @@ class ReferenceBEAR:
 # data arrays themselves, by the recorded indices, so a replay buffer that mixes up rows is caught too.
 import contextlib  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
+
+from conftest import random_transitions  # noqa: E402
 
 S, A, B, WARMUP, STEPS = 5, 2, 8, 2, 5  # two warm-up steps, then three with the Q term
 
@@ -253,12 +254,7 @@ def by_role(draws, cfg):
 
 
 def data(seed=0, n=64):
-    rng = np.random.default_rng(seed)
-    return {"observations": rng.normal(size=(n, S)).astype(np.float32),
-            "actions": rng.uniform(-0.9, 0.9, (n, A)).astype(np.float32),
-            "rewards": rng.normal(size=n).astype(np.float32),
-            "next_observations": rng.normal(size=(n, S)).astype(np.float32),
-            "terminals": (rng.random(n) < 0.3).astype(np.float32)}
+    return random_transitions(n, S, A, terminal_rate=0.3, action_bound=0.9, seed=seed)
 
 
 @contextlib.contextmanager
