@@ -1488,7 +1488,7 @@ class Run:
     def resume(self, path: Path) -> None:
         saved = load_checkpoint(path)
         self.agent.load_state_dict(saved["agent"])
-        self.state = saved["state"]
+        self.state = self.state | saved["state"]  # a key added since the checkpoint was written keeps its start value
         self.queue = self.state.pop("pending", [])
         self.start = saved["step"]
         if not set_rng_states(saved["rng"], self.device):
@@ -1608,7 +1608,7 @@ class Run:
             "wall_clock_seconds": round(state["elapsed"], 2),
             "train_steps_per_second": round(state["trained_steps"] / max(state["train_seconds"], 1e-9), 2),
             "precision": self.cfg.precision, "precision_note": self.precision_note,
-            "eval_workers": self.pool.n, "eval_wait_seconds": round(state["eval_wait_seconds"] - final_wait, 2),
+            "eval_workers": self.pool.n, "eval_wait_seconds": round(max(state["eval_wait_seconds"] - final_wait, 0.0), 2),
             "final_eval_wait_seconds": round(final_wait, 2),
             "device": str(self.device), "dataset_source": loaded.source, "dataset_file": str(loaded.file),
             "dataset_notes": loaded.notes, "comparable_with_published": loaded.source in ("cache", "download") and not loaded.notes,

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +118,23 @@ def test_sigterm_saves_exits_75_and_resumes_exactly(dataset, reference, tmp_path
     assert (run_dir(tmp_path) / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
     assert scores(run_dir(tmp_path)) == scores(reference)
     same_parameters(final_parameters(reference)[1], final_parameters(run_dir(tmp_path))[1])
+
+
+def test_a_checkpoint_of_the_previous_release_resumes_and_finishes(dataset, reference, tmp_path):
+    """Its state lacks what this release added to it; a user who upgrades mid-run must not crash at the end."""
+    folder = tmp_path / reference.name
+    shutil.copytree(reference, folder)
+    (folder / "results.json").unlink()
+    (folder / "checkpoint-000000400.pt").unlink()
+    path = folder / "checkpoint-000000300.pt"
+    saved = torch.load(path, weights_only=False)
+    for key in ("eval_wait_seconds", "rng_restarts"):  # not in the state of 90fa8b2's checkpoints
+        del saved["state"][key]
+    torch.save(saved, path)
+    out = run(command(dataset, tmp_path, "--resume"))
+    assert out.returncode == 0, out.stderr
+    assert (folder / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
+    assert scores(folder) == scores(reference)
 
 
 def test_same_seed_same_metrics_other_seed_differs(dataset, reference, tmp_path):
