@@ -491,6 +491,7 @@ EVAL_WORKER_BOOT = ("import importlib.util, sys; spec = importlib.util.spec_from
                     "sys.argv[1]); module = importlib.util.module_from_spec(spec); sys.modules[spec.name] = module; "
                     "spec.loader.exec_module(module); module.eval_worker(*map(int, sys.argv[2:]))")
 PENDING_PER_WORKER = 2  # evaluations outstanding per worker (one running, one queued) before training waits
+POLL_EVERY = 0.1  # seconds: while an evaluation is out, training looks for it at most this often (about 20 us a look)
 
 
 def eval_worker(jobs_fd: int, results_fd: int, parent: int) -> None:
@@ -550,7 +551,7 @@ class EvalPool:
         self.setup, self.log, self.n = setup, log, workers
         self.inline = Evaluator(*setup[:2], *setup[2]) if workers == 0 else None
         self.workers = [self._start() for _ in range(workers)]
-        self.queue, self.done, self.attempts, self.waited = [], {}, {}, 0.0
+        self.queue, self.done, self.attempts, self.waited, self.polled = [], {}, {}, 0.0, 0.0
 
     def _start(self) -> EvalWorker:
         import subprocess
@@ -586,6 +587,8 @@ class EvalPool:
     def result(self, step: int, wait: bool = False, stop: list = ()) -> np.ndarray | None:
         """The returns of step's evaluation once it is back (popped), else None; wait=True waits for it."""
         t = time.time()
+        if step not in self.done and not wait and t - self.polled > POLL_EVERY:
+            self.poll(0)  # a look without waiting: the row and its checkpoint follow as soon as it is back
         while step not in self.done and wait and not stop:
             self.poll(0.2)
         self.waited += time.time() - t if wait else 0.0
@@ -596,6 +599,7 @@ class EvalPool:
         to idle workers."""
         from multiprocessing.connection import wait
 
+        self.polled = time.time()
         for worker in self.workers:
             if worker.ready and worker.job is None and self.queue:
                 worker.job = self.queue.pop(0)

@@ -142,6 +142,37 @@ EvalPool.submit = _recording_submit
     assert sum(1 for row in rows if row.split(",")[-2]) == 16  # the final evaluation was waited for
 
 
+def test_a_row_is_written_as_soon_as_its_evaluation_is_back_not_at_the_next_evaluation(dataset, tmp_path):
+    record = tmp_path / "written.txt"  # each evaluation's step, and how many updates had run when its row was written
+    script = patched(tmp_path, "", more=f"""
+_update, _updates = BEAR.update, [0]
+
+
+def _slow_update(self, *args, **kwargs):
+    time.sleep(0.1)  # 50 steps take 5 s, several times one tiny evaluation
+    _updates[0] += 1
+    return _update(self, *args, **kwargs)
+
+
+_write = Run.write_evaluation
+
+
+def _recording_write(self, step, values, returns):
+    with open({str(record)!r}, "a") as f:
+        f.write(f"{{step}} {{_updates[0]}}\\n")
+    return _write(self, step, values, returns)
+
+
+BEAR.update, Run.write_evaluation = _slow_update, _recording_write
+""")
+    out = run(command(script, dataset, tmp_path / "runs", "--eval-workers=1", steps=150, every=50))
+    assert out.returncode == 0, out.stderr
+    written = [tuple(map(int, line.split())) for line in record.read_text().splitlines()]
+    assert [step for step, _ in written] == [50, 100, 150]
+    for step, updates in written[:2]:  # its checkpoint too: written once the row is
+        assert step <= updates < step + 50, written
+
+
 def descendants(pid):
     """The living processes below pid."""
     found, todo = [], [pid]
