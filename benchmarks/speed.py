@@ -5,6 +5,7 @@
     python benchmarks/speed.py --parts regen        # regenerate a 1M-step random dataset, 1 then 2 workers (~5 min)
     python benchmarks/speed.py --device=cuda --parts device   # every GPU figure in one go
     python benchmarks/speed.py --parts evalpool     # evaluation in a pool against none and against in-process
+    python benchmarks/speed.py --parts evalpool --pool-variants off pool --pool-rounds 3   # one ratio, A B A B
     python benchmarks/speed.py --small --parts ...  # a tiny version of any part (the test suite runs each so)
 
 Parts:
@@ -23,7 +24,8 @@ Parts:
            spent in MuJoCo and the environments' Python
   evalpool bear-train.py end to end on a HalfCheetah-shaped file, evaluating every 250 steps: training pinned to
            one core with 1 thread, the evaluation pool on the other (CPU affinities), against the same run with
-           evaluation off (one evaluation, at the end) and with --eval-workers=0; wall-time ratios
+           evaluation off (one evaluation, at the end) and with --eval-workers=0; wall-time ratios (--pool-rounds:
+           each variant that many times, alternating; --pool-variants: some of them)
   device   every figure of --device (cuda:0 on a GPU machine) in one go: eager updates/s at K=2 batch 256, K=10,
            batch 1024; --compile against eager; d3rlpy 2.8.1 on the same device; one evaluation; the operations and
            kernels per update (profiler); the seed command end to end for 4 x --steps steps with the evaluation pool
@@ -481,6 +483,10 @@ def main():
     p.add_argument("--d3rlpy-python", default=os.environ.get("D3RLPY_PYTHON", str(ROOT / ".venv-d3rlpy/bin/python")))
     p.add_argument("--regen-steps", type=int, default=1_000_000, help="environment steps of the regen part")
     p.add_argument("--pool-steps", type=int, default=1000, help="steps of each run of the evalpool part")
+    p.add_argument("--pool-rounds", type=int, default=1, help="runs of each evalpool variant, A B alternating")
+    p.add_argument("--pool-variants", nargs="+", default=list(POOL_VARIANTS), choices=list(POOL_VARIANTS),
+                   help="evalpool variants: off, pool (a spare core), shared (the training core), inline "
+                        "(--eval-workers=0)")
     # worker-only options
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--serve", choices=sorted(STEPPERS), help=argparse.SUPPRESS)
@@ -653,45 +659,64 @@ def run_script(path, tmp, tiny, *flags, popen=False):
     return json.loads(max(Path(tmp).glob("runs/*/results.json"), key=os.path.getmtime).read_text())
 
 
+POOL_VARIANTS = {"off": "only at the end (off)", "pool": "pool",
+                 "shared": "pool on the training core", "inline": "in process"}
+
+
 def evalpool_part(args, tiny) -> None:
-    """Three runs on a HalfCheetah-shaped file (every evaluation is 10 full 1000-step episodes): evaluation every 250
-    steps in the pool, the same in the training process, and evaluation off (one evaluation, at the end). Training
-    is pinned to one core with 1 thread; the pool's worker is moved to another core once it starts."""
+    """Up to four runs on a HalfCheetah-shaped file (every evaluation is 10 full 1000-step episodes): evaluation every
+    250 steps in the pool (on a spare core, and on the training core), the same in the training process, and
+    evaluation off (one evaluation, at the end). Training is pinned to one core with 1 thread; the pool's worker is
+    moved to its core once it starts. With --pool-rounds=R every variant runs R times, A B A B (the order rotating
+    each round): walls are medians, ratios the medians of the per-round ratios."""
     cores = sorted(os.sched_getaffinity(0))
     train_core, pool_core = cores[0], cores[-1]
     every = 5 if tiny else 250
-    walls = {}
+    names = [v for v in POOL_VARIANTS if v in args.pool_variants]
+    walls, rates, waits = ({name: [] for name in names} for _ in range(3))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "halfcheetah_synthetic.hdf5"
         write_million(path, n=2000 if tiny else 100_000)
-        variants = (("off", [f"--eval-every={args.pool_steps}", "--eval-workers=1"], pool_core),
-                    ("pool", [f"--eval-every={every}", "--eval-workers=1"], pool_core),
-                    ("pool on the training core", [f"--eval-every={every}", "--eval-workers=1"], train_core),
-                    ("in process", [f"--eval-every={every}", "--eval-workers=0"], pool_core))
-        for name, flags, worker_core in variants:
-            proc = run_script(path, tmp, tiny, "--gpu=-1", "--threads=1", "--warmup-steps=0", f"--run-name={name}",
-                              f"--max-steps={args.pool_steps}", *flags, popen=True)
-            os.sched_setaffinity(proc.pid, {train_core})
-            while proc.poll() is None:  # the worker (a child of the training process) goes to its core
-                for child in children(proc.pid):
-                    with contextlib.suppress(OSError):
-                        os.sched_setaffinity(child, {worker_core})
-                time.sleep(0.5)
-            if proc.returncode != 0:
-                raise RuntimeError(f"bear-train.py failed:\n{proc.stderr.read()[-3000:]}")
-            results = json.loads((Path(tmp) / "runs" / name / "results.json").read_text())
-            walls[name] = results["wall_clock_seconds"]
-            waited = results["eval_wait_seconds"] + results["final_eval_wait_seconds"]
-            row(f"{args.pool_steps} steps, evaluation {'only at the end (off)' if name == 'off' else 'every ' + str(every) + ' steps, ' + name} "
-                "(wall s)", f"{walls[name]:.0f}", f"training on core {train_core}, 1 thread; "
-                f"{'no worker' if name == 'in process' else f'the worker on core {worker_core}'}; waited for "
-                f"evaluations {waited:.1f} s in all")
-    row("evaluation in the pool, wall time over evaluation off", f"{walls['pool'] / walls['off']:.3f}x",
-        f"same run; {len(cores)} usable cores; the worker on a spare core")
-    row("the pool without a spare core, over evaluation off", f"{walls['pool on the training core'] / walls['off']:.3f}x",
-        "same run; the worker shares the training core")
-    row("evaluation in the training process, wall time over evaluation off", f"{walls['in process'] / walls['off']:.3f}x",
-        "same run (--eval-workers=0)")
+        flags = {"off": ([f"--eval-every={args.pool_steps}", "--eval-workers=1"], pool_core),
+                 "pool": ([f"--eval-every={every}", "--eval-workers=1"], pool_core),
+                 "shared": ([f"--eval-every={every}", "--eval-workers=1"], train_core),
+                 "inline": ([f"--eval-every={every}", "--eval-workers=0"], pool_core)}
+        for r in range(args.pool_rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                extra, worker_core = flags[name]
+                run_name = f"{name}-{r}"
+                proc = run_script(path, tmp, tiny, "--gpu=-1", "--threads=1", "--warmup-steps=0",
+                                  f"--run-name={run_name}", f"--max-steps={args.pool_steps}", *extra, popen=True)
+                os.sched_setaffinity(proc.pid, {train_core})
+                while proc.poll() is None:  # the worker (a child of the training process) goes to its core
+                    for child in children(proc.pid):
+                        with contextlib.suppress(OSError):
+                            os.sched_setaffinity(child, {worker_core})
+                    time.sleep(0.5)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"bear-train.py failed:\n{proc.stderr.read()[-3000:]}")
+                results = json.loads((Path(tmp) / "runs" / run_name / "results.json").read_text())
+                walls[name].append(results["wall_clock_seconds"])
+                rates[name].append(results["train_steps_per_second"])
+                waits[name].append(results["eval_wait_seconds"] + results["final_eval_wait_seconds"])
+    rounds = f"median of {args.pool_rounds} runs; " if args.pool_rounds > 1 else ""
+    for name in names:
+        worker_core = flags[name][1]
+        label = POOL_VARIANTS[name] if name == "off" else f"every {every} steps, {POOL_VARIANTS[name]}"
+        row(f"{args.pool_steps} steps, evaluation {label} (wall s)", f"{statistics.median(walls[name]):.0f}",
+            f"{rounds}training on core {train_core}, 1 thread, between evaluations "
+            f"{statistics.median(rates[name]):.2f} steps/s; "
+            f"{'no worker' if name == 'inline' else f'the worker on core {worker_core}'}; waited for evaluations "
+            f"{statistics.median(waits[name]):.1f} s in all")
+    ratios = (("pool", "evaluation in the pool, wall time over evaluation off", f"{len(cores)} usable cores; the "
+               "worker on a spare core"),
+              ("shared", "the pool without a spare core, over evaluation off", "the worker shares the training core"),
+              ("inline", "evaluation in the training process, wall time over evaluation off", "--eval-workers=0"))
+    for name, what, how in ratios:
+        if "off" in names and name in names:
+            paired = statistics.median(a / b for a, b in zip(walls[name], walls["off"]))
+            row(what, f"{paired:.3f}x", f"same run; {how}" + (f"; per round: "
+                + ", ".join(f"{a / b:.3f}" for a, b in zip(walls[name], walls["off"])) if args.pool_rounds > 1 else ""))
 
 
 def bf16_part(args, tiny) -> None:

@@ -68,6 +68,22 @@ def test_every_part_of_the_speed_benchmark_runs_at_a_tiny_size(part, tmp_path):
     assert len(rows) == expected, out.stdout
 
 
+def test_the_evalpool_part_alternates_chosen_variants_over_rounds(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--small", "--parts", "evalpool",
+                          "--pool-variants", "pool", "off", "--pool-rounds", "2"],
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+            if line.startswith("| ") and "figure" not in line]
+    assert [r[0].split(" (")[0] for r in rows] == ["20 steps, evaluation only at the end", "20 steps, evaluation every 5 "
+                                                   "steps, pool", "evaluation in the pool, wall time over evaluation off"]
+    assert all("median of 2 runs" in r[2] for r in rows[:2]) and len(rows[2][2].split("per round: ")[1].split(", ")) == 2
+    assert float(rows[2][1].rstrip("x")) > 0
+
+
 def run_benchmark(cmd, tmp_path, **env):
     import subprocess
 
