@@ -243,18 +243,31 @@ def matmul_precision(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open(CPUINFO) as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
 def bf16_slow(device: torch.device) -> str:
     """Why bf16 matrix multiplies would be slow on `device` ('' when they are fast)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return "" if major >= 8 else f"compute capability {major}.{minor}: no bf16 tensor cores"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        flags = set()
-    return "" if flags & BF16_CPU_FLAGS else "this CPU reports neither AMX-BF16 nor AVX512-BF16: its bf16 matrix " \
-        "multiplies run on a slow generic path, much slower than float32 (benchmarks/speed.py --parts bf16)"
+    return "" if cpu_flags() & BF16_CPU_FLAGS else "this CPU reports neither AMX-BF16 nor AVX512-BF16: its bf16 " \
+        "matrix multiplies run on a slow generic path, much slower than float32 (benchmarks/speed.py --parts bf16)"
+
+
+def bf16_hint(precision: str, device: torch.device) -> str:
+    """For an fp32 run on a CPU with fast bf16: the one line that says --precision=bf16 is there ('' otherwise)."""
+    found = sorted(cpu_flags() & BF16_CPU_FLAGS) if device.type == "cpu" and precision == "fp32" else []
+    return (f"note: this CPU reports {' and '.join(found)}: --precision=bf16 is available here, and in the 3-seed "
+            "comparison on such a CPU it learned the same as fp32, 1.7x faster (docs/gpu-and-precision.md)") if found else ""
 
 
 # ============================================================================================== BEAR equations
@@ -726,7 +739,7 @@ def train(cfg: Config) -> dict:
 # line and main. A reader of the paper can stop here.
 # ##############################################################################################################
 # ============================================================================================== errors and signals
-EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_CRASHED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 1, 70, 75, 130
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_CRASHED, EXIT_DISK_FULL, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 1, 70, 74, 75, 130
 
 
 class UserError(Exception):
@@ -735,6 +748,24 @@ class UserError(Exception):
 
 class Diverged(Exception):
     pass
+
+
+class DiskFull(Exception):
+    """A write that found no space (ENOSPC, or a quota): what was being written and the disk it is on."""
+
+    def __init__(self, path: Path):
+        mount = Path(path).absolute().parent
+        while not os.path.ismount(mount) and mount != mount.parent:
+            mount = mount.parent
+        super().__init__(f"no space left on the disk mounted at {mount} while writing {path}; nothing written before "
+                         "is lost (the newest checkpoint is whole): free space there, then continue with the same "
+                         "command plus --resume")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    import errno
+
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class Stop(Exception):
@@ -1459,11 +1490,12 @@ class Run:
         kernel = cfg.kernel if cfg.kernel != "auto" else "gaussian" if loaded.kernel_env == "halfcheetah" else "laplacian"
         self.agent = BEAR(cfg, *dims, kernel, device)
         self.state = {"evals": [], "elapsed": 0.0, "train_seconds": 0.0, "trained_steps": 0, "last_log": 0,
-                      "csv_offset": None, "eval_wait_seconds": 0.0, "rng_restarts": []}
+                      "csv_offset": None, "eval_wait_seconds": 0.0, "rng_restarts": [],
+                      "resume_changes": []}
         self.queue, self.stop, self.start = [], [], 0
-        ckpts = checkpoints(run_dir) if resuming else []
-        if ckpts:
-            self.resume(ckpts[-1])
+        found = newest_intact_checkpoint(run_dir) if resuming else None
+        if found:
+            self.resume(*found)
         else:
             write_json(run_dir / "config.json", dataclasses.asdict(cfg) | {
                 "dataset_name": spec.name, "env_id": self.target.env_id, "kernel_used": kernel,
@@ -1474,9 +1506,12 @@ class Run:
         self.precision_note = bf16_slow(device) if cfg.precision == "bf16" else ""
         if self.precision_note:
             warn(f"--precision=bf16 on {device}: {self.precision_note}; training goes on in bf16 (results.json says so)")
+        if hint := bf16_hint(cfg.precision, device):
+            print(hint, flush=True)
         workers = eval_workers(cfg, device)
         print(f"evaluation: {f'{workers} worker process(es), {cfg.eval_threads} thread(s) each' if workers else 'in the training process'}"
               f" ({usable_cpus()} usable cores, training on {device} with {torch.get_num_threads()} thread(s))", flush=True)
+        self.check_determinism(workers, found[1]["state"].get("determinism") if found else None)
         self.pool = EvalPool(workers, (self.target, cfg, dims, cfg.eval_threads), run_dir / "eval-workers.log")
         for item in self.queue:  # evaluations a signal interrupted: done again, from their snapshots
             if "snapshot" in item:
@@ -1489,8 +1524,7 @@ class Run:
         self.t_start = self.t_interval = time.time()
         self.elapsed_before = self.state["elapsed"]
 
-    def resume(self, path: Path) -> None:
-        saved = load_checkpoint(path)
+    def resume(self, path: Path, saved: dict) -> None:
         self.agent.load_state_dict(saved["agent"])
         self.state = self.state | saved["state"]  # a key added since the checkpoint was written keeps its start value
         self.queue = self.state.pop("pending", [])
@@ -1502,6 +1536,19 @@ class Run:
             torch.manual_seed(int(np.random.SeedSequence([self.cfg.seed, self.start]).generate_state(1)[0]))
             self.state["rng_restarts"].append({"step": self.start, "saved_on": saved_on, "resumed_on": str(self.device)})
         print(f"resuming {self.run_dir} from {path.name} (step {self.start})", flush=True)
+
+    def check_determinism(self, workers: int, saved: dict | None) -> None:
+        """The settings a resume may change that still change the numbers: the CPU threads of training and of
+        evaluation (their float sums split otherwise) and --compile. A change is said once and recorded."""
+        now = {"threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+               "eval_threads": self.cfg.eval_threads if workers else torch.get_num_threads(), "compile": self.cfg.compile}
+        changed = {k: (saved[k], v) for k, v in now.items() if saved and k in saved and saved[k] != v}
+        if changed:
+            said = ", ".join(f"{DETERMINISM[k]} {was} -> {v}" for k, (was, v) in changed.items())
+            warn(f"--resume with other settings than the run had ({said}): from step {self.start} on the run is no "
+                 "longer bitwise the same as an uninterrupted one (results.json records it)")
+            self.state["resume_changes"].append({"step": self.start} | {k: list(v) for k, v in changed.items()})
+        self.state["determinism"] = now
 
     def __enter__(self):
         self.signals = on_signals(self.stop.append)  # a signal is noted, and the loop stops at the end of its step
@@ -1617,7 +1664,8 @@ class Run:
             "device": str(self.device), "dataset_source": loaded.source, "dataset_file": str(loaded.file),
             "dataset_notes": loaded.notes, "comparable_with_published": loaded.source in ("cache", "download") and not loaded.notes,
             "probe_pairs": len(self.probe[0]), "probe_return": self.probe_return, "q_bound": self.q_bound,
-            "rng_restarts": state["rng_restarts"], "run_dir": str(self.run_dir),
+            "rng_restarts": state["rng_restarts"], "resume_changes": state["resume_changes"],
+            "run_dir": str(self.run_dir),
         }
         write_json(self.run_dir / "results.json", results)
         print(json.dumps({k: results[k] for k in ("final_normalized_score", "best_normalized_score", "steps",
@@ -1702,7 +1750,8 @@ def prepare_run_dir(cfg: Config, dataset_name: str) -> tuple[Path, bool]:
     log_dir = check_log_dir(cfg.log_dir)
     base = log_dir / (cfg.run_name or run_folder_name(dataset_name, cfg.seed))
     if cfg.resume and base.is_dir() and (base / "config.json").exists():
-        saved = json.loads((base / "config.json").read_text())
+        saved = read_run_json(base / "config.json", "it holds the run's settings: put back a copy, or start the run "
+                                                    "again without --resume")
         defaults = dataclasses.asdict(Config())  # a setting the run predates has its default
         changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k, defaults[k]) != v]
         if changed:
@@ -1713,6 +1762,8 @@ def prepare_run_dir(cfg: Config, dataset_name: str) -> tuple[Path, bool]:
     return base, False  # claimed() moves it to the next free name: never overwrite another run
 
 
+DETERMINISM = {"threads": "training's torch threads", "eval_threads": "evaluation's torch threads",
+               "compile": "--compile"}
 RESUMABLE = {"max_steps", "resume", "compile", "gpu", "wandb", "log_dir", "summarize", "offline", "regen_workers",
              "threads", "eval_workers", "eval_threads", "checkpoint_every", "ray_address", "cpus_per_run", "gpus_per_run",
              "max_retries"}  # may change on --resume
@@ -1720,9 +1771,12 @@ RESUMABLE = {"max_steps", "resume", "compile", "gpu", "wandb", "log_dir", "summa
 
 def rng_states(device: torch.device) -> dict:
     """Python's, numpy's and torch's CPU random states, and the training device's CUDA state (only its own: a
-    resume may see other GPUs, or fewer)."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-              "device_type": device.type}
+    resume may see other GPUs, or fewer). Plain values and tensors only, so that a checkpoint loads with
+    weights_only=True: numpy's state is its parts, the key as an int64 tensor."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(), "device_type": device.type,
+              "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
     return states
@@ -1732,7 +1786,10 @@ def set_rng_states(states: dict, device: torch.device) -> bool:
     """Restores what rng_states saved; the CUDA state goes into the training device. False when the run was saved
     on another device type: its draws came from another generator, and the caller restarts the streams."""
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    saved = states["numpy"]
+    if isinstance(saved, dict):
+        saved = (saved["kind"], saved["key"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"], saved["gauss"])
+    np.random.set_state(saved)  # a tuple in a checkpoint of an earlier release
     torch.set_rng_state(states["torch"])
     if states.get("device_type", "cpu") != device.type:
         return False
@@ -1741,22 +1798,141 @@ def set_rng_states(states: dict, device: torch.device) -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------------------------- checkpoints
+# checkpoint-<step>.pt is written to a temporary file, fsynced and renamed into place; then its manifest
+# checkpoint-<step>.json (size and sha256) the same way. --resume (and so a sweep's retry) takes the newest
+# checkpoint that matches its manifest and loads; a damaged one is renamed to *.damaged, never deleted, and the run
+# falls back to the one before. A checkpoint without a manifest (written by an earlier release) is taken if it
+# loads. Nothing is unpickled but tensors and plain values (weights_only=True).
+CHECKPOINT_KEYS = ("step", "agent", "rng", "state")
+
+
+class Refused(UserError):
+    """A file that would run code when loaded."""
+
+
+def safe_load(path: Path, what: str) -> dict:
+    """torch.load with weights_only=True: tensors and plain values, nothing that runs code. Refused: one line."""
+    import numpy._core.multiarray as multiarray  # the types of an earlier release's numpy random state, exactly
+
+    allowed = [multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)|global '?([\w.]+)", str(e))
+        name = next((g for g in found.groups() if g), "") if found else ""
+        raise Refused(f"{path} was not loaded: it asks to run code when it is unpickled{f' ({name})' if name else ''}, "
+                      f"which {what} never does; use only files this script wrote, or ones you trust and re-save") from None
+
+
 def load_checkpoint(path: Path) -> dict:
     """Onto the CPU, whatever the training device: each piece then goes where it belongs (load_state_dict copies
     into the device's tensors; random states must stay CPU byte tensors)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return safe_load(path, "a checkpoint of this script")
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("checkpoint-*.pt"))
 
 
+def manifest_path(checkpoint: Path) -> Path:
+    return checkpoint.with_suffix(".json")
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_checkpoint(run_dir: Path, state: dict, keep: int = 2) -> Path:
     path = run_dir / f"checkpoint-{state['step']:09d}.pt"
     atomic_write(path, lambda f: torch.save(state, f))
+    try:  # committed only once its manifest is in: a checkpoint whose manifest cannot be written is not kept
+        write_json(manifest_path(path), {"file": path.name, "step": state["step"], "bytes": path.stat().st_size,
+                                         "sha256": sha256(path)})
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     for old in checkpoints(run_dir)[:-keep]:
         old.unlink()
+        manifest_path(old).unlink(missing_ok=True)
     return path
+
+
+def checkpoint_damage(path: Path) -> tuple[str, dict | None]:
+    """('', the checkpoint) when it matches its manifest and loads; (what is wrong, None) otherwise."""
+    manifest = manifest_path(path)
+    if manifest.exists():
+        try:
+            entry = json.loads(manifest.read_text())
+            size, digest = int(entry["bytes"]), str(entry["sha256"])
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            return f"its manifest {manifest.name} is unreadable ({type(e).__name__})", None
+        if path.stat().st_size != size:
+            return f"{path.stat().st_size} bytes where its manifest says {size}", None
+        if sha256(path) != digest:
+            return f"its sha256 does not match {manifest.name}", None
+    try:
+        saved = load_checkpoint(path)
+    except Refused:
+        raise
+    except Exception as e:
+        return f"it does not load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", None
+    if not isinstance(saved, dict) or any(k not in saved for k in CHECKPOINT_KEYS):
+        return "it is not a checkpoint of this script", None
+    return "", saved
+
+
+def set_aside(path: Path) -> Path:
+    """path -> path.damaged (or .damaged-2, ...): kept for a post-mortem, out of --resume's way."""
+    aside, i = path.with_name(path.name + ".damaged"), 1
+    while aside.exists():
+        i += 1
+        aside = path.with_name(f"{path.name}.damaged-{i}")
+    os.replace(path, aside)
+    return aside
+
+
+def newest_intact_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that matches its manifest and loads, with what it holds; the damaged ones after it are
+    set aside, each with a one-line warning. None when there is none at all; exit 2 when none is intact."""
+    damaged = []
+    for path in reversed(checkpoints(run_dir)):
+        why, saved = checkpoint_damage(path)
+        if not why:
+            for name, aside, reason in damaged:
+                warn(f"{name} is damaged ({reason}); renamed to {aside}; the run falls back to step {saved['step']} "
+                     f"({path.name})")
+            return path, saved
+        aside = set_aside(path)
+        if manifest_path(path).exists():
+            set_aside(manifest_path(path))
+        damaged.append((path.name, aside.name, why))
+    if damaged:
+        raise UserError(f"no intact checkpoint in {run_dir}: {'; '.join(f'{n} ({why})' for n, _, why in damaged)}; "
+                        f"each was renamed to *.damaged; start the run again without --resume (or with another "
+                        f"--run-name)")
+    return None
+
+
+def read_run_json(path: Path, what: str) -> dict:
+    """A JSON file this script wrote into a run folder, read back as input: damage is one line, exit 2."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"{what}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); {what}")
+    return value
 
 
 def new_file_mode() -> int:
@@ -1774,7 +1950,12 @@ def atomic_write(path: Path, write, path_only: bool = False) -> None:
     """write(file), or write(path) for writers that open the file themselves, into a temporary file beside path;
     fsync; rename: path is never half-written. The file gets the mode any new file gets under the umask
     (mkstemp's own is 0600, which would hide results and datasets from colleagues)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFull(path) from e
+        raise
     try:
         os.fchmod(fd, new_file_mode())
         if path_only:
@@ -1789,6 +1970,13 @@ def atomic_write(path: Path, write, path_only: bool = False) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:  # torch.save wraps the OSError of a full disk in a RuntimeError: look down the chain
+        cause = e
+        while cause is not None and not is_disk_full(cause):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise DiskFull(path) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -1868,7 +2056,8 @@ class Logger:
         if csv_offset is None:
             path.write_text(",".join(CSV_FIELDS) + "\n")
         else:
-            with open(path, "r+b") as f:  # drop rows written after the checkpoint: they will be written again
+            check_metrics(path, csv_offset)
+            with open(path, "r+b") as f:  # drop rows written after the checkpoint (a row cut by a kill among them)
                 f.truncate(csv_offset)
         self.csv = open(path, "a", newline="")
         self.tb = None
@@ -1896,8 +2085,13 @@ class Logger:
         return int(rows[-1]["step"]) if rows else 0
 
     def write(self, step: int, values: dict, steps_per_second: float) -> None:
-        self.csv.write(",".join(f"{values[k]:.9g}" if k in values else "" for k in CSV_FIELDS) + "\n")
-        self.csv.flush()
+        try:  # a row cut here by a full disk or a kill is dropped by --resume
+            self.csv.write(",".join(f"{values[k]:.9g}" if k in values else "" for k in CSV_FIELDS) + "\n")
+            self.csv.flush()
+        except OSError as e:
+            if is_disk_full(e):
+                raise DiskFull(self.run_dir / "metrics.csv") from e
+            raise
         scalars = {f"{tag_group(k)}/{k}": v for k, v in values.items() if k != "step"}
         scalars["charts/steps_per_second"] = steps_per_second
         if self.tb:
@@ -1925,6 +2119,30 @@ class Logger:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def check_metrics(path: Path, offset: int) -> None:
+    """Before --resume cuts metrics.csv back to the checkpoint's end of it: those first `offset` bytes must be the
+    header and whole rows of numbers, as written; what follows them is written again."""
+    fix = "restore it from a copy, or start the run again without --resume"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(offset)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing, but the checkpoint holds {offset} bytes of it; {fix}") from None
+    lines = head.decode(errors="replace").split("\n")
+    if len(head) < offset or lines[-1] != "":
+        raise UserError(f"{path} is damaged: shorter than the {offset} bytes the checkpoint holds, or cut there; {fix}")
+    if lines[0] != ",".join(CSV_FIELDS):
+        raise UserError(f"{path} is damaged: its header is not metrics.csv's; {fix}")
+    for i, line in enumerate(lines[1:-1], 2):
+        fields = line.split(",")
+        try:
+            ok = len(fields) == len(CSV_FIELDS) and fields[0] != "" and [float(x) for x in fields if x] is not None
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UserError(f"{path} is damaged at line {i}; {fix}")
 
 
 def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
@@ -1982,24 +2200,31 @@ def summarize(root: Path, run_dirs: list[Path] | None = None) -> str:
     configs = sorted(root.rglob("config.json")) if run_dirs is None else [d / "config.json" for d in run_dirs]
     for config_path in configs:
         run_dir = config_path.parent
+        fix = "restore it from a copy, or move the run folder out of the way"
         try:
-            config = json.loads(config_path.read_text())
+            config = read_run_json(config_path, fix)
             with open(run_dir / "metrics.csv", newline="") as f:
                 rows = list(csv.DictReader(f))
-        except (OSError, ValueError) as e:  # a run that never trained, or a folder that is not a run's
-            why = f"no {Path(e.filename).name}" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
-            print(f"skipped {run_dir} ({why}: it has not trained yet, or is not a run folder)", file=sys.stderr)
+        except FileNotFoundError as e:  # a run that never trained, or a folder that is not a run's
+            print(f"skipped {run_dir} (no {Path(e.filename).name}: it has not trained yet, or is not a run folder)",
+                  file=sys.stderr)
             continue
-        results_path = run_dir / "results.json"
-        evals = series(rows, "eval_normalized_score")
-        raw = not evals  # a dataset without reference scores: raw returns
-        evals = evals or series(rows, "eval_return")
+        try:
+            evals = series(rows, "eval_normalized_score")
+            raw = not evals  # a dataset without reference scores: raw returns
+            evals = evals or series(rows, "eval_return")
+            q = series(rows, "q_data")
+            seed, name = int(config["seed"]), str(config.get("dataset_name", config["dataset"]))
+        except (ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{run_dir / 'metrics.csv'} or config.json is damaged ({type(e).__name__}: {e}); {fix}") from None
         if not evals:
             continue
-        finished = results_path.exists()
-        runs.setdefault(config.get("dataset_name", config["dataset"]), []).append(
-            {"seed": config["seed"], "evals": evals, "finished": finished, "source": config.get("dataset_source", "?"),
-             "raw": raw, "q": series(rows, "q_data"), "return_data": config.get("probe_return"),
+        finished = (run_dir / "results.json").exists()
+        if finished:
+            read_run_json(run_dir / "results.json", "delete it to count the run as unfinished, or " + fix)
+        runs.setdefault(name, []).append(
+            {"seed": seed, "evals": evals, "finished": finished, "source": config.get("dataset_source", "?"),
+             "raw": raw, "q": q, "return_data": config.get("probe_return"),
              "q_bound": config.get("q_bound")})
     if not runs:
         raise UserError(f"no runs with an evaluation under {root}; point --summarize at a --log-dir")
@@ -2427,7 +2652,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED
     except Stop as e:
         return e.code
+    except DiskFull as e:
+        print(f"bear-train.py: disk full: {e}", file=sys.stderr, flush=True)
+        return EXIT_DISK_FULL
     except Exception as e:  # a crash: its own exit code, so that retry logic does not read it as a divergence
+        if is_disk_full(e):
+            print(f"bear-train.py: disk full: {DiskFull(Path(e.filename or Path.cwd() / '-'))}", file=sys.stderr)
+            return EXIT_DISK_FULL
         path = crash_report(e, getattr(e, "crash_folder", None))
         print(f"bear-train.py: crashed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (traceback in "
               f"{path})", file=sys.stderr, flush=True)
