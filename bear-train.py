@@ -112,6 +112,14 @@ class Config:
     regen_workers: int = hp(0, "processes that regenerate a random dataset; 0 = every core this process may use")
     offline: bool = hp(False, "never touch the network: a cached file, a regenerated random dataset, or an error "
                               "saying where to put the file (also BEAR_OFFLINE=1)")
+    section("after training (--evaluate a run folder's policy)")
+    evaluate: str = hp("", "evaluate the policy a run folder keeps (policy-final.pt or policy-best.pt) on "
+                           "--eval-episodes episodes (default 100 here) with --seed (default the run's), on the "
+                           "evaluation workers; writes evaluation-<policy>-<N>ep-seed<seed>.json there, then exits")
+    policy: str = hp("final", "the policy --evaluate takes: final (the last evaluation's) or best (the best one's)")
+    video: bool = hp(False, "with --evaluate: MP4s of the first episodes in RUN_DIR/videos/, rendered off-screen by "
+                            "MuJoCo (MUJOCO_GL: egl without a display)")
+    video_episodes: int = hp(1, "episodes --video records, the first ones of the evaluation")
     section("sweep (several datasets or seeds: each pair one run, as a Ray task)")
     ray_address: str = hp("", "Ray cluster to run a sweep on (auto, ray://host:10001); empty = RAY_ADDRESS, else a "
                               "local Ray instance")
@@ -197,11 +205,14 @@ class Actor(nn.Module):
         self.log_std = nn.Linear(hidden, action_dim)
 
     def sample(self, s: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        eps = torch.randn(s.shape[0], n, self.mu.out_features, device=s.device, generator=generator)  # [B, n, A]
+        return self.reparameterised(s, eps)
+
+    def reparameterised(self, s: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:  # eps [B, n, A] ~ N(0, I)
         h = self.trunk(s)
         dtype = self.mu.weight.dtype
         mu, std = self.mu(h).to(dtype), self.log_std(h).to(dtype).clamp(*ACTOR_LOG_STD_RANGE).exp()  # [B, A]
-        eps = torch.randn(s.shape[0], n, mu.shape[-1], device=s.device, generator=generator)
-        return mu[:, None] + std[:, None] * eps  # [B, n, A], reparameterised
+        return mu[:, None] + std[:, None] * eps  # [B, n, A] pre-tanh
 
 
 class QEnsemble(nn.Module):
@@ -443,9 +454,25 @@ def normalized_score(ret: float, score_range: tuple[float, float] | None) -> flo
 def select_action(actor: "Actor", critics: "QEnsemble", s: torch.Tensor, candidates: int,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Of `candidates` actions from pi per state, the one with the highest ensemble-mean Q. s [E, S] -> [E, A]"""
-    actions = torch.tanh(actor.sample(s, candidates, generator))  # [E, n, A]
+    return highest_q(critics, s, torch.tanh(actor.sample(s, candidates, generator)))
+
+
+def highest_q(critics: "QEnsemble", s: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """actions [E, n, A] -> [E, A]: per state, the candidate with the highest ensemble-mean Q."""
     best = critics(s, actions).mean(0).argmax(1)  # [E]
-    return actions[torch.arange(len(s), device=s.device), best]
+    return actions[torch.arange(s.shape[0], device=s.device), best]  # shape[0], not len(): export keeps B symbolic
+
+
+class Policy(nn.Module):
+    """The evaluation rule as one module, for the torch-only policy files: obs [B, S] and standard-normal draws
+    noise [B, n, A] -> the actions [B, A] that select_action takes for the same draws."""
+
+    def __init__(self, actor: "Actor", critics: "QEnsemble"):
+        super().__init__()
+        self.actor, self.critics = actor, critics
+
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return highest_q(self.critics, obs, torch.tanh(self.actor.reparameterised(obs, noise)))
 
 
 def eval_snapshot(agent: "BEAR") -> dict:
@@ -461,36 +488,48 @@ class Evaluator:
     snapshot, the step and the seed: nothing to carry across a resume, the same in a worker as in the training
     process (with the same torch threads)."""
 
-    def __init__(self, target: "EvalTarget", cfg: Config, state_dim: int, action_dim: int):
+    def __init__(self, target: "EvalTarget", cfg: Config, state_dim: int, action_dim: int, render: int = 0):
         self.target, self.cfg = target, cfg
         with torch.random.fork_rng(devices=[]):  # their initial weights are overwritten: leave training's stream be
             self.actor = Actor(state_dim, action_dim, cfg.actor_hidden).requires_grad_(False)
             self.critics = QEnsemble(state_dim, action_dim, cfg.critic_hidden, cfg.num_critics).requires_grad_(False)
-        self.envs = [target.make() for _ in range(cfg.eval_episodes)]
+        self.envs = [target.make(render_mode="rgb_array" if i < render else None) for i in range(cfg.eval_episodes)]
         self.seeds = [10_000 + 1_000 * cfg.seed + i for i in range(cfg.eval_episodes)]
+        self.lengths, self.frames = None, []
 
-    def __call__(self, snapshot: dict, step: int) -> np.ndarray:
+    def __call__(self, snapshot: dict, step: int, block: int = 0, count: int | None = None) -> np.ndarray:
         with torch.no_grad():
             self.actor.load_state_dict(snapshot["actor"])
             self.critics.load_state_dict(snapshot["critics"])
         with torch.inference_mode():  # no autograd bookkeeping at all, for 1 000 forward passes
-            return self.episodes(step)
+            return self.episodes(step, block, count)
 
-    def episodes(self, step: int) -> np.ndarray:
-        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        obs = np.stack([self.target.observe(env.reset(seed=s)[0]) for env, s in zip(self.envs, self.seeds)])
+    def episodes(self, step: int, block: int = 0, count: int | None = None) -> np.ndarray:
+        """The returns of eval_episodes episodes (the step's evaluation); the episode lengths go to self.lengths.
+        --evaluate asks for more in blocks of eval_episodes: block b plays the next `count` episode seeds, with a
+        random stream of its own; block 0 is the training run's evaluation of that step, exactly."""
+        envs = self.envs[:count]
+        seeds = [s + block * len(self.envs) for s in self.seeds[:len(envs)]]
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step if block == 0 else
+                                                  int(np.random.SeedSequence([self.cfg.seed, step, block]).generate_state(1)[0]))
+        obs = np.stack([self.target.observe(env.reset(seed=s)[0]) for env, s in zip(envs, seeds)])
         obs = obs.astype(np.float32)  # [E, S]: the networks' dtype, rounded once per step as torch would
-        returns, active = np.zeros(len(self.envs)), np.ones(len(self.envs), bool)
+        returns, lengths, active = np.zeros(len(envs)), np.zeros(len(envs), np.int64), np.ones(len(envs), bool)
+        self.frames = [[env.render()] for env in envs if env.render_mode]
         while active.any():
             live = np.flatnonzero(active)
             with matmul_precision(self.cfg.precision, torch.device("cpu")):  # as in training
                 actions = select_action(self.actor, self.critics, torch.from_numpy(obs[live]), self.cfg.eval_candidates,
                                         generator).numpy()
             for i, action in zip(live, actions):
-                next_obs, reward, terminated, truncated, _ = self.envs[i].step(self.target.to_env(action))
+                next_obs, reward, terminated, truncated, _ = envs[i].step(self.target.to_env(action))
                 obs[i] = self.target.observe(next_obs)
                 returns[i] += reward
+                lengths[i] += 1
                 active[i] = not (terminated or truncated)
+                if i < len(self.frames):
+                    self.frames[i].append(envs[i].render())
+        self.lengths = lengths
         return returns
 
 
@@ -531,13 +570,14 @@ def eval_worker(jobs_fd: int, results_fd: int, parent: int) -> None:
     results.send_bytes(pickle.dumps(("ready",)))
     while True:
         try:
-            step, snapshot = pickle.loads(jobs.recv_bytes())
+            key, snapshot, *job = pickle.loads(jobs.recv_bytes())  # job: {step, block, count} of --evaluate
         except EOFError:
             return
         try:
-            message = (step, evaluator(snapshot, step), "") if evaluator else (step, None, error)
+            returns = evaluator(snapshot, **({"step": key} | (job[0] if job else {}))) if evaluator else None
+            message = (key, returns, "", evaluator.lengths) if evaluator else (key, None, error)
         except Exception:
-            message = (step, None, traceback.format_exc())
+            message = (key, None, traceback.format_exc())
         results.send_bytes(pickle.dumps(message))
 
 
@@ -565,6 +605,7 @@ class EvalPool:
         self.inline = Evaluator(*setup[:2], *setup[2]) if workers == 0 else None
         self.workers = [self._start() for _ in range(workers)]
         self.queue, self.done, self.attempts, self.waited, self.polled = [], {}, {}, 0.0, 0.0
+        self.lengths = {}  # the episodes' lengths of each evaluation that is back
 
     def _start(self) -> EvalWorker:
         import subprocess
@@ -586,12 +627,13 @@ class EvalPool:
     def pending(self) -> int:
         return len(self.queue) + sum(w.job is not None for w in self.workers)
 
-    def submit(self, step: int, snapshot: dict, stop: list) -> None:
+    def submit(self, step: int, snapshot: dict, stop: list, job: dict | None = None) -> None:
         t = time.time()
         if self.inline:
-            self.done[step] = self.inline(snapshot, step)
+            self.done[step] = self.inline(snapshot, **({"step": step} | (job or {})))
+            self.lengths[step] = self.inline.lengths
         else:
-            self.queue.append((step, snapshot))
+            self.queue.append((step, snapshot) + ((job,) if job else ()))
             self.poll(0)
             while self.pending() > PENDING_PER_WORKER * self.n and not stop:
                 self.poll(0.2)
@@ -637,7 +679,7 @@ class EvalPool:
                 worker.proc.wait()
                 self._failed(worker, message[2].strip().splitlines()[-1])
             else:
-                self.done[message[0]] = message[1]
+                self.done[message[0]], self.lengths[message[0]] = message[1], message[3]
                 worker.job = None
         if any(w.ready and w.job is None for w in self.workers) and self.queue:
             self.poll(0)
@@ -993,12 +1035,12 @@ def discounted_returns(rewards: np.ndarray, terminal: np.ndarray, end: np.ndarra
     return np.array(returns), np.array(complete, bool)
 
 
-def make_env(env_id: str):
+def make_env(env_id: str, **kwargs):
     import gymnasium as gym
 
     with warnings.catch_warnings():  # gymnasium calls every *-v4 env out of date; v4 is deliberate (see README)
         warnings.simplefilter("ignore", DeprecationWarning)
-        return gym.make(env_id)
+        return gym.make(env_id, **kwargs)
 
 
 def regenerated_path(spec: DatasetSpec, steps: int) -> Path:
@@ -1030,12 +1072,13 @@ class EvalTarget:
     action_range: tuple[np.ndarray, np.ndarray] | None = None  # the env's (low, high) when they are not [-1, 1]
     minari_data: str = ""  # a Minari dataset's data folder: its own evaluation environment is made from it
 
-    def make(self):
+    def make(self, render_mode: str | None = None):
+        kwargs = {"render_mode": render_mode} if render_mode else {}
         if self.minari_data:
             import minari
 
-            return quietly(minari.MinariDataset(self.minari_data).recover_environment, eval_env=True)
-        return make_env(self.env_id)
+            return quietly(minari.MinariDataset(self.minari_data).recover_environment, eval_env=True, **kwargs)
+        return make_env(self.env_id, **kwargs)
 
     def observe(self, obs) -> np.ndarray:
         return flatten_obs(self.obs_space, obs)[0] if self.obs_space is not None else obs
@@ -1513,6 +1556,7 @@ class Run:
               f" ({usable_cpus()} usable cores, training on {device} with {torch.get_num_threads()} thread(s))", flush=True)
         self.check_determinism(workers, found[1]["state"].get("determinism") if found else None)
         self.pool = EvalPool(workers, (self.target, cfg, dims, cfg.eval_threads), run_dir / "eval-workers.log")
+        self.policies = PolicyFiles(run_dir, cfg, self.target, spec.name, dims)
         for item in self.queue:  # evaluations a signal interrupted: done again, from their snapshots
             if "snapshot" in item:
                 self.pool.submit(item["step"], item["snapshot"], self.stop)
@@ -1608,7 +1652,8 @@ class Run:
                 returns = self.pool.result(item["step"], wait, self.stop)
                 if returns is None:
                     return
-                self.write_evaluation(item["step"], item["values"], returns)
+                self.pool.lengths.pop(item["step"], None)
+                self.write_evaluation(item["step"], item["values"], returns, item["snapshot"])
             if "values" in item:
                 self.logger.write(item["step"], item["values"], item["rate"])
             if "checkpoint" in item:
@@ -1617,10 +1662,14 @@ class Run:
                 save_checkpoint(self.run_dir, checkpoint | {"config": dataclasses.asdict(self.cfg)})
             self.queue.pop(0)
 
-    def write_evaluation(self, step: int, values: dict, returns: np.ndarray) -> None:
+    def write_evaluation(self, step: int, values: dict, returns: np.ndarray, snapshot: dict) -> None:
         ret = float(returns.mean())
         score = normalized_score(ret, self.target.score_range)
+        best = max((s if score is not None else r for _, r, s in self.state["evals"]), default=-math.inf)
         self.state["evals"].append((step, ret, score))
+        self.policies.write("final", snapshot, step, ret, score)
+        if (score if score is not None else ret) > best:  # the first of equal bests is kept, as max() takes it
+            self.policies.write("best", snapshot, step, ret, score)
         values |= {"eval_return": ret} | ({"eval_normalized_score": score} if score is not None else {})
         shown = f"normalised score {score:6.1f}" if score is not None else "(no reference scores)"
         self.tqdm.write(f"step {step:>8}  return {ret:8.1f}  {shown}  alpha {values['alpha']:.3g}"
@@ -1766,7 +1815,7 @@ DETERMINISM = {"threads": "training's torch threads", "eval_threads": "evaluatio
                "compile": "--compile"}
 RESUMABLE = {"max_steps", "resume", "compile", "gpu", "wandb", "log_dir", "summarize", "offline", "regen_workers",
              "threads", "eval_workers", "eval_threads", "checkpoint_every", "ray_address", "cpus_per_run", "gpus_per_run",
-             "max_retries"}  # may change on --resume
+             "max_retries", "evaluate", "policy", "video", "video_episodes"}  # may change on --resume
 
 
 def rng_states(device: torch.device) -> dict:
@@ -2192,6 +2241,216 @@ def plot_curves(rows: list[dict], path: Path, title: str, bound: float | None = 
     plt.close(fig)
 
 
+# ============================================================================================== after training
+# Every run folder keeps two policies: policy-final.pt (the latest evaluation's) and policy-best.pt (the best
+# one's), each written atomically once its evaluation is in. A policy file is a plain torch.save dict that loads
+# with weights_only=True: the actor's and the critics' weights, what acting needs (dims, widths, eval_candidates,
+# the environment and its action scaling), the step and its score, and "program", the evaluation rule (Policy) as
+# a torch.export program in bytes, which needs nothing but torch:
+#     saved = torch.load(path, weights_only=True)
+#     policy = torch.export.load(io.BytesIO(saved["program"])).module()
+#     actions = policy(obs, torch.randn(len(obs), saved["settings"]["eval_candidates"], saved["settings"]["action_dim"]))
+# --evaluate plays a policy on many episodes on the evaluation workers, in blocks of the run's eval_episodes: block
+# 0 is the run's own evaluation of that step, so --evaluate with the run's seed and episodes gives its return.
+POLICY_FORMAT = "bear-policy/1"
+POLICY_KEYS = ("format", "step", "return", "env_id", "target", "settings", "actor", "critics", "program")
+
+
+class PolicyFiles:
+    def __init__(self, run_dir: Path, cfg: Config, target: EvalTarget, dataset: str, dims: tuple[int, int]):
+        low_high = None if target.action_range is None else [np.asarray(x).tolist() for x in target.action_range]
+        self.run_dir, self.dims, self.program = run_dir, dims, None
+        self.about = {"format": POLICY_FORMAT, "dataset": dataset, "env_id": target.env_id,
+                      "target": {"env_id": target.env_id, "score_range": target.score_range, "action_range": low_high,
+                                 "minari_data": target.minari_data},
+                      "settings": {"state_dim": dims[0], "action_dim": dims[1], "actor_hidden": cfg.actor_hidden,
+                                   "critic_hidden": cfg.critic_hidden, "num_critics": cfg.num_critics,
+                                   "eval_candidates": cfg.eval_candidates, "eval_episodes": cfg.eval_episodes,
+                                   "precision": cfg.precision, "seed": cfg.seed}}
+
+    def write(self, which: str, snapshot: dict, step: int, ret: float, score: float | None) -> None:
+        content = self.about | {"policy": which, "step": step, "return": ret, "normalized_score": score,
+                                "actor": snapshot["actor"], "critics": snapshot["critics"],
+                                "program": self.exported(snapshot)}
+        atomic_write(self.run_dir / f"policy-{which}.pt", lambda f: torch.save(content, f))
+
+    def exported(self, snapshot: dict) -> bytes:
+        """Policy with the snapshot's weights as torch.export bytes. Traced once per run (about a second); each
+        file after that only swaps the weights in."""
+        import io
+
+        if self.program is None:
+            s, a = self.dims
+            settings = self.about["settings"]
+            with torch.random.fork_rng(devices=[]):
+                module = Policy(Actor(s, a, settings["actor_hidden"]),
+                                QEnsemble(s, a, settings["critic_hidden"], settings["num_critics"])).requires_grad_(False)
+            batch = torch.export.Dim("batch")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.program = torch.export.export(module, (torch.zeros(2, s), torch.zeros(2, settings["eval_candidates"], a)),
+                                                   dynamic_shapes=({0: batch}, {0: batch}))
+        with torch.no_grad():
+            for name, weights in snapshot.items():
+                for key, value in weights.items():
+                    self.program.state_dict[f"{name}.{key}"].copy_(value)
+        buffer = io.BytesIO()
+        torch.export.save(self.program, buffer)
+        return buffer.getvalue()
+
+
+def load_policy(path: Path) -> dict:
+    """A policy file, checked as input: refused if it would run code, one line if it is damaged."""
+    try:
+        saved = safe_load(path, "a policy file of this script")
+    except Refused:
+        raise
+    except Exception as e:
+        saved, why = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    else:
+        why = "not a policy file of this script" if not isinstance(saved, dict) or \
+            saved.get("format") != POLICY_FORMAT or any(k not in saved for k in POLICY_KEYS) else ""
+    if why:
+        raise UserError(f"{path} is damaged ({why}); it was written by training: copy it back from where the run "
+                        f"was made, or --resume the run to write it again")
+    return saved
+
+
+def policy_target(saved: dict) -> EvalTarget:
+    target = saved["target"]
+    low_high = target["action_range"]
+    obs_space = None
+    if target["minari_data"]:  # a Dict observation is flattened as in the data: its space comes from the dataset
+        import gymnasium
+        import minari
+
+        space = minari.MinariDataset(target["minari_data"]).observation_space
+        obs_space = space if isinstance(space, gymnasium.spaces.Dict) else None
+    return EvalTarget(target["env_id"], None if target["score_range"] is None else tuple(target["score_range"]),
+                      obs_space, None if low_high is None else tuple(np.asarray(x, np.float32) for x in low_high),
+                      target["minari_data"])
+
+
+def evaluate(cfg: Config) -> dict:
+    """--evaluate=RUN_DIR: the run's final or best policy on cfg.eval_episodes episodes, on the evaluation workers;
+    one line, and evaluation-<policy>-<N>ep-seed<seed>.json in the run folder. Training's files are only read."""
+    validate(cfg)
+    run_dir = Path(cfg.evaluate).expanduser()
+    if not run_dir.is_dir():
+        raise UserError(f"--evaluate={cfg.evaluate}: no such folder; pass a run folder (runs/<dataset>__seed<seed>)")
+    path = run_dir / f"policy-{cfg.policy}.pt"
+    if not path.exists():
+        raise UserError(f"{run_dir} holds no {path.name}: it is not a run folder, or its run has not finished an "
+                        "evaluation yet; pass a run folder whose run has evaluated at least once")
+    saved = load_policy(path)
+    config = read_run_json(run_dir / "config.json", "put back a copy") if (run_dir / "config.json").exists() else {}
+    if config.get("env_id", saved["env_id"]) != saved["env_id"]:
+        raise UserError(f"{path} is a policy for {saved['env_id']}, but {run_dir} trained on {config['env_id']}: it "
+                        "comes from another run folder; put that run's own policy file back")
+    settings = saved["settings"]
+    seed = settings["seed"] if cfg.seed is None else cfg.seed
+    gl = choose_gl() if cfg.video else ""
+    target = policy_target(saved)
+    dims = settings["state_dim"], settings["action_dim"]
+    env = target.make()
+    shapes = target.observe(env.reset(seed=0)[0]).shape, env.action_space.shape
+    env.close()
+    if shapes != ((dims[0],), (dims[1],)):
+        raise UserError(f"{path} acts on {dims[0]} observations and {dims[1]} actions, but {target.env_id} has "
+                        f"{shapes[0]} and {shapes[1]}: it is a policy of another environment")
+    block = settings["eval_episodes"]
+    run_cfg = Config(**{k: settings[k] for k in ("actor_hidden", "critic_hidden", "num_critics", "eval_candidates",
+                                                 "precision")}, seed=seed, eval_episodes=block)
+    snapshot = {"actor": saved["actor"], "critics": saved["critics"]}
+    if cfg.video and cfg.video_episodes > min(block, cfg.eval_episodes):
+        raise UserError(f"--video-episodes={cfg.video_episodes} is more than the first block of "
+                        f"{min(block, cfg.eval_episodes)} episodes (the run's --eval-episodes); ask for fewer")
+    t = time.time()
+    workers = cfg.eval_workers if cfg.eval_workers >= 0 else usable_cpus()
+    blocks = [(b, min(block, cfg.eval_episodes - b * block)) for b in range(math.ceil(cfg.eval_episodes / block))]
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = EvalPool(min(workers, len(blocks)), (target, run_cfg, dims, cfg.eval_threads), Path(tmp) / "workers.log")
+        try:
+            for b, count in blocks:
+                pool.submit(b, snapshot, [], {"step": saved["step"], "block": b, "count": count})
+            returns, lengths = [], []
+            for b, _ in blocks:
+                returns.append(pool.result(b, wait=True))
+                lengths.append(pool.lengths.pop(b))
+        except EvalFailed as e:
+            raise UserError(f"--evaluate: {str(e).split(' (the workers')[0]}: {Path(tmp, 'workers.log').read_text()[-300:]}") from None
+        finally:
+            pool.close()
+    returns, lengths = np.concatenate(returns), np.concatenate(lengths)
+    scores = [normalized_score(r, target.score_range) for r in returns]
+    has_score = target.score_range is not None
+    result = {"run_dir": str(run_dir), "policy": cfg.policy, "policy_file": path.name, "step": saved["step"],
+              "env_id": target.env_id, "seed": seed, "episodes": len(returns), "block_size": block,
+              "eval_candidates": run_cfg.eval_candidates, "workers": pool.n, "eval_threads": cfg.eval_threads,
+              "return_mean": float(returns.mean()), "return_std": float(returns.std()),
+              "normalized_score_mean": float(np.mean(scores)) if has_score else None,
+              "normalized_score_std": float(np.std(scores)) if has_score else None,
+              "training_evaluation_return": saved["return"], "wall_clock_seconds": round(time.time() - t, 2),
+              "returns": returns.tolist(), "lengths": lengths.tolist(),
+              "normalized_scores": scores if has_score else None}
+    if cfg.video:
+        result["videos"] = record_videos(run_dir, cfg, target, run_cfg, dims, snapshot, saved["step"], gl)
+    name = f"evaluation-{cfg.policy}-{len(returns)}ep-seed{seed}.json"
+    write_json(run_dir / name, result)
+    shown = f", normalised score {result['normalized_score_mean']:.1f} ± {result['normalized_score_std']:.1f}" \
+        if has_score else " (no reference scores)"
+    print(f"{cfg.policy} policy of {run_dir} (step {saved['step']}): return {result['return_mean']:.1f} ± "
+          f"{result['return_std']:.1f}{shown} over {len(returns)} episodes, seed {seed} ({run_dir / name})", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- videos
+GL_PACKAGES = {"egl": "libegl1 and libgl1-mesa-dri", "osmesa": "libosmesa6", "glfw": "libglfw3 and a display"}
+
+
+def choose_gl() -> str:
+    """MuJoCo's OpenGL backend for off-screen frames: MUJOCO_GL when set, else EGL without a display and GLFW with
+    one. Set before mujoco is first imported; checked by rendering one frame."""
+    gl = os.environ.setdefault("MUJOCO_GL", "glfw" if os.environ.get("DISPLAY") else "egl")
+    try:
+        env = make_env("InvertedPendulum-v5", render_mode="rgb_array", width=16, height=16)
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except Exception as e:
+        raise UserError(f"no OpenGL for MuJoCo's off-screen rendering with MUJOCO_GL={gl} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); install {GL_PACKAGES.get(gl, 'its libraries')} "
+                        f"(Debian/Ubuntu: apt-get install {GL_PACKAGES['egl'].replace(' and', '')}), or set "
+                        "MUJOCO_GL=osmesa with libosmesa6") from None
+    return gl
+
+
+def record_videos(run_dir: Path, cfg: Config, target: EvalTarget, run_cfg: Config, dims: tuple[int, int],
+                  snapshot: dict, step: int, gl: str) -> list[str]:
+    """The first cfg.video_episodes episodes of block 0, played again in this process with frames, as MP4s."""
+    import imageio.v3 as iio
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.eval_threads)  # as a worker plays them: the same episodes
+    try:
+        evaluator = Evaluator(target, run_cfg, *dims, render=cfg.video_episodes)
+        evaluator(snapshot, step, 0, min(run_cfg.eval_episodes, cfg.eval_episodes))
+    finally:
+        torch.set_num_threads(threads)
+    folder = run_dir / "videos"
+    folder.mkdir(exist_ok=True)
+    fps = evaluator.envs[0].metadata.get("render_fps", 30)
+    written = []
+    for i, frames in enumerate(evaluator.frames):
+        path = folder / f"{cfg.policy}-step{step}-seed{run_cfg.seed}-episode{i}.mp4"
+        atomic_write(path, lambda tmp: iio.imwrite(tmp, np.stack(frames), extension=".mp4", fps=fps,
+                                                   macro_block_size=1), path_only=True)
+        written.append(str(path))
+    for env in evaluator.envs:
+        env.close()
+    return written
+
+
 # ============================================================================================== seed tables
 def summarize(root: Path, run_dirs: list[Path] | None = None) -> str:
     """Markdown table of final and best normalised score (mean +- std over seeds) per dataset, and a PNG of the
@@ -2228,7 +2487,8 @@ def summarize(root: Path, run_dirs: list[Path] | None = None) -> str:
              "q_bound": config.get("q_bound")})
     if not runs:
         raise UserError(f"no runs with an evaluation under {root}; point --summarize at a --log-dir")
-    lines = ["| dataset | seeds | steps | final normalised score | best normalised score | notes |", "|---|---|---|---|---|---|"]
+    lines = ["| dataset | seeds | steps | final normalised score | best normalised score | final IQM [95 % CI] | "
+             "best IQM [95 % CI] | notes |", "|---|---|---|---|---|---|---|---|"]
     for dataset, group in sorted(runs.items()):
         final = np.array([r["evals"][-1][1] for r in group])
         best = np.array([max(v for _, v in r["evals"]) for r in group])
@@ -2242,12 +2502,32 @@ def summarize(root: Path, run_dirs: list[Path] | None = None) -> str:
             notes.append("Minari data: not comparable with D4RL tables")
         if any(r["raw"] for r in group):
             notes.append("RAW RETURNS: the dataset has no reference scores")
+        intervals = [f"{iqm(x):.1f} [{lo:.1f}, {hi:.1f}]" for x in (final, best) for lo, hi in [iqm_interval(x)]]
         lines.append(f"| {dataset} | {len(group)} | {'/'.join(map(str, steps))} | {final.mean():.1f} ± {final.std():.1f} | "
-                     f"{best.mean():.1f} ± {best.std():.1f} | {'; '.join(notes)} |")
+                     f"{best.mean():.1f} ± {best.std():.1f} | {intervals[0]} | {intervals[1]} | {'; '.join(notes)} |")
         plot_seed_curves(dataset, group, root / f"summary_{dataset.replace(os.sep, '_')}.png")
-    table = "\n".join(lines) + "\n\nstd over seeds (numpy, ddof=0); final = last evaluation, best = max over evaluations.\n"
+    table = "\n".join(lines) + ("\n\nstd over seeds (numpy, ddof=0); final = last evaluation, best = max over evaluations. "
+                                 "IQM: the interquartile mean over seeds (a quarter of the seeds, rounded down, cut at "
+                                 "each end); 95 % CI: percentile interval of 50 000 stratified bootstrap resamples of "
+                                 "the seeds within the dataset (rliable's definitions).\n")
     (root / "summary.md").write_text(table)
     return table
+
+
+def iqm(scores: np.ndarray) -> np.ndarray:
+    """Interquartile mean over the last axis, as rliable's (scipy.stats.trim_mean(x, 0.25)): sorted, int(n / 4)
+    values cut from each end, the mean of the rest."""
+    x = np.sort(scores, axis=-1)
+    cut = int(0.25 * x.shape[-1])
+    return x[..., cut:x.shape[-1] - cut].mean(-1)
+
+
+def iqm_interval(scores: np.ndarray, reps: int = 50_000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the IQM over bootstrap resamples of the seeds (drawn with replacement within the
+    dataset, the stratum), rliable's get_interval_estimates for one task. Seeded: the same table every time."""
+    boot = np.random.default_rng(seed).choice(scores, (reps, len(scores)))  # [reps, seeds]
+    lo, hi = np.percentile(iqm(boot), [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def plot_seed_curves(dataset: str, group: list[dict], path: Path) -> None:
@@ -2281,7 +2561,8 @@ def plot_seed_curves(dataset: str, group: list[dict], path: Path) -> None:
 # task, in its own folder under --log-dir. The driver prepares each dataset once, retries runs whose process or
 # node died (they continue from their newest checkpoint with --resume), shows one progress bar and ends with the
 # --summarize table of the sweep's runs. Ray is imported only here.
-SWEEP_ONLY = ("ray_address", "cpus_per_run", "gpus_per_run", "max_retries")
+SWEEP_ONLY = ("ray_address", "cpus_per_run", "gpus_per_run", "max_retries", "evaluate", "policy", "video",
+              "video_episodes")  # not passed on to a sweep's runs
 NOT_RETRIED = {EXIT_BAD_INPUT: "bad input", EXIT_DIVERGED: "diverged"}  # EXIT_CRASHED: retried once
 
 
@@ -2555,7 +2836,7 @@ def _started(run: SweepRun) -> bool:
 def validate(cfg: Config) -> None:
     for name in ("max_steps", "batch_size", "num_critics", "num_target_samples", "mmd_samples", "eval_every",
                  "eval_episodes", "eval_candidates", "eval_threads", "log_every", "checkpoint_every", "actor_hidden",
-                 "critic_hidden", "vae_hidden"):
+                 "critic_hidden", "vae_hidden", "video_episodes"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}={getattr(cfg, name)} must be a positive whole number")
     for name in ("warmup_steps", "probe_size"):
@@ -2584,6 +2865,10 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--kernel={cfg.kernel} is unknown; use laplacian, gaussian or auto")
     if cfg.precision not in ("fp32", "bf16"):
         raise UserError(f"--precision={cfg.precision} is unknown; use fp32 or bf16")
+    if cfg.policy not in ("final", "best"):
+        raise UserError(f"--policy={cfg.policy} is unknown; use final or best")
+    if cfg.video and not cfg.evaluate:
+        raise UserError("--video records an evaluation: use it with --evaluate=RUN_DIR")
     if cfg.actor_q not in ("min", "mean_var"):
         raise UserError(f"--actor-q={cfg.actor_q} is unknown; use min or mean_var")
     if cfg.gpu < -1:
@@ -2626,6 +2911,10 @@ def parse_args(argv: list[str] | None = None) -> list[Config]:
             kind, metavar = lists.get(f.name, ({int: parse_int, float: float, str: str}[f.type], f.type.__name__.upper()))
             group.add_argument(*flags, type=kind, default=f.default, help=f.metadata["help"], metavar=metavar)
     values = vars(parser.parse_args(argv))
+    given = {a.split("=")[0].replace("_", "-") for a in (sys.argv[1:] if argv is None else argv)}
+    if values["evaluate"]:  # defaults of their own: 100 episodes, the run's seed (None until its folder is read)
+        values["eval_episodes"] = values["eval_episodes"] if "--eval-episodes" in given else 100
+        values["seed"] = values["seed"] if "--seed" in given else None
     datasets, seeds = (v if isinstance(v, list) else [v] for v in (values["dataset"], values["seed"]))
     return [Config(**values | {"dataset": d, "seed": s}) for d in datasets for s in seeds]
 
@@ -2636,6 +2925,10 @@ def main(argv: list[str] | None = None) -> int:
         with on_signals(raise_interrupted):
             if cfgs[0].summarize:
                 print(summarize(Path(cfgs[0].summarize)), end="")
+            elif cfgs[0].evaluate:
+                if len(cfgs) > 1:
+                    raise UserError("--evaluate takes one run folder and one --seed (not a list or a range)")
+                evaluate(cfgs[0])
             elif len(cfgs) > 1:
                 return sweep(cfgs)
             else:
