@@ -495,7 +495,7 @@ class Evaluator:
             self.critics = QEnsemble(state_dim, action_dim, cfg.critic_hidden, cfg.num_critics).requires_grad_(False)
         self.envs = [target.make(render_mode="rgb_array" if i < render else None) for i in range(cfg.eval_episodes)]
         self.seeds = [10_000 + 1_000 * cfg.seed + i for i in range(cfg.eval_episodes)]
-        self.lengths, self.frames = None, []
+        self.lengths, self.sink = None, None  # sink(i, frame): the frames of the rendered episodes, as they come
 
     def __call__(self, snapshot: dict, step: int, block: int = 0, count: int | None = None) -> np.ndarray:
         with torch.no_grad():
@@ -515,7 +515,9 @@ class Evaluator:
         obs = np.stack([self.target.observe(env.reset(seed=s)[0]) for env, s in zip(envs, seeds)])
         obs = obs.astype(np.float32)  # [E, S]: the networks' dtype, rounded once per step as torch would
         returns, lengths, active = np.zeros(len(envs)), np.zeros(len(envs), np.int64), np.ones(len(envs), bool)
-        self.frames = [[env.render()] for env in envs if env.render_mode]
+        rendered = [i for i, env in enumerate(envs) if env.render_mode and self.sink]
+        for i in rendered:
+            self.sink(i, envs[i].render())
         while active.any():
             live = np.flatnonzero(active)
             with matmul_precision(self.cfg.precision, torch.device("cpu")):  # as in training
@@ -527,8 +529,8 @@ class Evaluator:
                 returns[i] += reward
                 lengths[i] += 1
                 active[i] = not (terminated or truncated)
-                if i < len(self.frames):
-                    self.frames[i].append(envs[i].render())
+                if i in rendered:
+                    self.sink(i, envs[i].render())
         self.lengths = lengths
         return returns
 
@@ -2349,7 +2351,8 @@ def evaluate(cfg: Config) -> dict:
                         "comes from another run folder; put that run's own policy file back")
     settings = saved["settings"]
     seed = settings["seed"] if cfg.seed is None else cfg.seed
-    gl = choose_gl() if cfg.video else ""
+    if cfg.video:
+        choose_gl()
     target = policy_target(saved)
     dims = settings["state_dim"], settings["action_dim"]
     env = target.make()
@@ -2394,7 +2397,7 @@ def evaluate(cfg: Config) -> dict:
               "returns": returns.tolist(), "lengths": lengths.tolist(),
               "normalized_scores": scores if has_score else None}
     if cfg.video:
-        result["videos"] = record_videos(run_dir, cfg, target, run_cfg, dims, snapshot, saved["step"], gl)
+        result["videos"] = record_videos(run_dir, cfg, target, run_cfg, dims, snapshot, saved["step"])
     name = f"evaluation-{cfg.policy}-{len(returns)}ep-seed{seed}.json"
     write_json(run_dir / name, result)
     shown = f", normalised score {result['normalized_score_mean']:.1f} ± {result['normalized_score_std']:.1f}" \
@@ -2405,50 +2408,70 @@ def evaluate(cfg: Config) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- videos
-GL_PACKAGES = {"egl": "libegl1 and libgl1-mesa-dri", "osmesa": "libosmesa6", "glfw": "libglfw3 and a display"}
+GL_PACKAGES = {"egl": "libegl1 libgl1-mesa-dri", "osmesa": "libosmesa6", "glfw": "libglfw3"}  # Debian and Ubuntu
 
 
 def choose_gl() -> str:
     """MuJoCo's OpenGL backend for off-screen frames: MUJOCO_GL when set, else EGL without a display and GLFW with
     one. Set before mujoco is first imported; checked by rendering one frame."""
+    import gc
+
     gl = os.environ.setdefault("MUJOCO_GL", "glfw" if os.environ.get("DISPLAY") else "egl")
+    why, hook, sys.unraisablehook = "", sys.unraisablehook, lambda unraisable: None  # a half-made viewer's __del__
     try:
-        env = make_env("InvertedPendulum-v5", render_mode="rgb_array", width=16, height=16)
-        env.reset(seed=0)
-        env.render()
-        env.close()
-    except Exception as e:
-        raise UserError(f"no OpenGL for MuJoCo's off-screen rendering with MUJOCO_GL={gl} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); install {GL_PACKAGES.get(gl, 'its libraries')} "
-                        f"(Debian/Ubuntu: apt-get install {GL_PACKAGES['egl'].replace(' and', '')}), or set "
-                        "MUJOCO_GL=osmesa with libosmesa6") from None
+        try:
+            env = make_env("InvertedPendulum-v5", render_mode="rgb_array", width=16, height=16)
+            env.reset(seed=0)
+            env.render()
+            env.close()
+        except Exception as e:  # no libEGL/libOSMesa: AttributeError or ImportError; no display: mujoco.FatalError
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        env = None
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    if why:
+        install = f"apt-get install {GL_PACKAGES[gl]}" if gl in GL_PACKAGES else "install its libraries"
+        raise UserError(f"MuJoCo cannot render off-screen with MUJOCO_GL={gl} ({why}); {install} (Debian/Ubuntu), or set MUJOCO_GL to "
+                        "another backend: egl (libegl1 libgl1-mesa-dri), osmesa (libosmesa6)") from None
     return gl
 
 
 def record_videos(run_dir: Path, cfg: Config, target: EvalTarget, run_cfg: Config, dims: tuple[int, int],
-                  snapshot: dict, step: int, gl: str) -> list[str]:
-    """The first cfg.video_episodes episodes of block 0, played again in this process with frames, as MP4s."""
-    import imageio.v3 as iio
+                  snapshot: dict, step: int) -> list[str]:
+    """The first cfg.video_episodes episodes of block 0, played again in this process (with the workers' threads:
+    the same episodes) and encoded as they are rendered: MP4 (H.264), the environment's own frame rate and size.
+    Shadows and multisampling are off: on a software renderer (Mesa's llvmpipe) they are most of the time."""
+    import imageio
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.eval_threads)  # as a worker plays them: the same episodes
-    try:
-        evaluator = Evaluator(target, run_cfg, *dims, render=cfg.video_episodes)
-        evaluator(snapshot, step, 0, min(run_cfg.eval_episodes, cfg.eval_episodes))
-    finally:
-        torch.set_num_threads(threads)
+    evaluator = Evaluator(target, run_cfg, *dims, render=cfg.video_episodes)
+    for env in evaluator.envs[:cfg.video_episodes]:
+        with contextlib.suppress(AttributeError):  # a MuJoCo env: read when its GL context is made
+            env.unwrapped.model.light_castshadow[:] = 0
+            env.unwrapped.model.vis.quality.offsamples = 0
     folder = run_dir / "videos"
     folder.mkdir(exist_ok=True)
     fps = evaluator.envs[0].metadata.get("render_fps", 30)
-    written = []
-    for i, frames in enumerate(evaluator.frames):
-        path = folder / f"{cfg.policy}-step{step}-seed{run_cfg.seed}-episode{i}.mp4"
-        atomic_write(path, lambda tmp: iio.imwrite(tmp, np.stack(frames), extension=".mp4", fps=fps,
-                                                   macro_block_size=1), path_only=True)
-        written.append(str(path))
-    for env in evaluator.envs:
-        env.close()
-    return written
+    paths = [folder / f"{cfg.policy}-step{step}-seed{run_cfg.seed}-episode{i}.mp4" for i in range(cfg.video_episodes)]
+    temps = [p.with_name(f".{p.stem}.tmp.mp4") for p in paths]
+    writers = [imageio.get_writer(t, fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1,
+                                  ffmpeg_log_level="error") for t in temps]
+    evaluator.sink = lambda i, frame: writers[i].append_data(frame)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.eval_threads)
+    try:
+        evaluator(snapshot, step, 0, min(run_cfg.eval_episodes, cfg.eval_episodes))
+        for writer, temp, path in zip(writers, temps, paths):
+            writer.close()
+            os.replace(temp, path)
+    finally:
+        torch.set_num_threads(threads)
+        for writer, temp in zip(writers, temps):
+            writer.close()
+            temp.unlink(missing_ok=True)
+        for env in evaluator.envs:
+            env.close()
+    return [str(p) for p in paths]
 
 
 # ============================================================================================== seed tables

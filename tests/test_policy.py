@@ -223,3 +223,31 @@ def test_the_summary_reports_the_iqm_with_stratified_bootstrap_intervals(bear):
     by_hand = np.percentile([bear.iqm(b) for b in boot], [2.5, 97.5])
     assert (lo, hi) == pytest.approx(tuple(by_hand))
     assert lo < bear.iqm(scores) < hi
+
+
+def test_video_writes_an_mp4_of_the_first_episode_that_reads_back_frame_for_frame(bear, folder, monkeypatch):
+    import imageio.v3 as iio
+
+    for name in ("MUJOCO_GL", "PYOPENGL_PLATFORM", "DISPLAY"):  # mujoco sets PYOPENGL_PLATFORM to match: put back
+        monkeypatch.delenv(name, raising=False)
+    assert bear.main([f"--evaluate={folder}", "--eval-episodes=2", "--video"]) == 0
+    assert os.environ["MUJOCO_GL"] == "egl"  # chosen: no display here
+    written = json.loads((folder / "evaluation-final-2ep-seed0.json").read_text())
+    path = folder / "videos" / f"final-step{written['step']}-seed0-episode0.mp4"
+    assert written["videos"] == [str(path)] and sorted(p.name for p in (folder / "videos").iterdir()) == [path.name]
+    frames = [frame.shape for frame in iio.imiter(path, plugin="FFMPEG")]
+    assert len(frames) == written["lengths"][0] + 1  # the first observation, then one frame a step
+    assert set(frames) == {(480, 480, 3)}
+
+
+def test_video_without_a_working_gl_backend_is_one_line_naming_mujoco_gl_and_exit_2(run, tmp_path):
+    from conftest import SCRIPT
+
+    env = {k: v for k, v in os.environ.items() if k != "PYOPENGL_PLATFORM"} | {"MUJOCO_GL": "osmesa"}  # no libosmesa6
+    out = subprocess.run([sys.executable, str(SCRIPT), f"--evaluate={run}", "--eval-episodes=2", "--video"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stderr
+    line = one_line(out.stderr)
+    assert line.startswith("bear-train.py: error: MuJoCo cannot render off-screen with MUJOCO_GL=osmesa (")
+    assert "apt-get install libosmesa6 (Debian/Ubuntu)" in line
+    assert not (run / "videos").exists()
