@@ -9,6 +9,11 @@ update, evaluation (and its pool of workers, and the critics' Q against the data
 `train`. Then a banner, and the plumbing: errors and signals, the datasets (D4RL files, Minari datasets, data
 preparation at scale), run bookkeeping (logs, checkpoints, plots, locks), seed tables, the sweep on Ray, the command
 line and main. Importing it runs nothing.
+
+After training, every run folder keeps policy-final.pt and policy-best.pt (they load with torch alone), and
+    python bear-train.py --evaluate=runs/walker2d-random-v2__seed0 --policy=best --video
+plays one on 100 episodes. Documentation: README.md, then docs/ (one page per topic: runs.md for what a run writes,
+resume and exit codes; evaluation.md, data.md, sweeps.md, gpu-and-precision.md, ...).
 """
 import argparse
 import contextlib
@@ -65,7 +70,7 @@ class Config:
     threads: int = hp(0, "torch CPU threads; 0 = torch's default")
     precision: str = hp("fp32", "matrix multiplies in fp32, or bf16 (bf16 inputs, float32 accumulation; the equations, "
                                 "weights and optimiser states stay float32): fast on AMX/AVX512-BF16 CPUs and GPUs")
-    compile: bool = hp(False, "torch.compile the update (graph breaks at every backward and optimiser step: see README)")
+    compile: bool = hp(False, "torch.compile the update (graph breaks at every backward and optimiser step: docs/gpu-and-precision.md)")
     run_name: str = hp("", "name of the run folder; empty = <dataset>__seed<seed>")
     resume: bool = hp(False, "continue the run in its folder from the newest checkpoint")
     checkpoint_every: int = hp(5_000, "steps between checkpoints; also at the end and on SIGTERM/SIGINT")
@@ -1040,7 +1045,7 @@ def discounted_returns(rewards: np.ndarray, terminal: np.ndarray, end: np.ndarra
 def make_env(env_id: str, **kwargs):
     import gymnasium as gym
 
-    with warnings.catch_warnings():  # gymnasium calls every *-v4 env out of date; v4 is deliberate (see README)
+    with warnings.catch_warnings():  # gymnasium calls every *-v4 env out of date; v4 is deliberate (docs/differences.md)
         warnings.simplefilter("ignore", DeprecationWarning)
         return gym.make(env_id, **kwargs)
 
@@ -2922,7 +2927,10 @@ parse_int.__name__ = "int"  # argparse names the type in its error message
 def parse_args(argv: list[str] | None = None) -> list[Config]:
     """One Config per (dataset, seed) pair: one for a single run, several for a sweep."""
     parser = OneLineParser(prog="bear-train.py", description="BEAR (Kumar et al. 2019) on D4RL MuJoCo data.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           epilog="Documentation: README.md, and docs/ one page per topic: evaluation.md, data.md, "
+                                  "sweeps.md, runs.md (what a run writes, --resume, --evaluate, exit codes), "
+                                  "q-vs-return.md, gpu-and-precision.md, performance.md, tests.md, differences.md.")
     lists = {"dataset": (parse_datasets, "NAMES"), "seed": (parse_seeds, "SEEDS")}
     groups = {title: parser.add_argument_group(title) for title in SECTIONS}
     for f in dataclasses.fields(Config):
