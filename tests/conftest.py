@@ -25,6 +25,31 @@ def bear():
     return load_script()
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A run in the test's own process sets torch's thread count (--threads, evaluation): put it back afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_main(bear, args, capsys):
+    """bear-train.py's main(args) in this process: (exit code, stdout, stderr). For tests where the process boundary
+    is not what they check; exit codes, signals, locks and the real command line are checked in subprocesses."""
+    capsys.readouterr()
+    try:
+        code = bear.main([str(a) for a in args])
+    except SystemExit as e:  # argparse's errors and --help
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+TINY_NETS = ["--actor-hidden=16", "--critic-hidden=16", "--vae-hidden=16", "--batch-size=16"]
+
+
 def random_transitions(n, obs_dim=17, act_dim=6, terminal_rate=0.05, action_bound=1.0, seed=0):
     """Training transitions of random numbers, in to_transitions' layout (for tests that need no episodes)."""
     rng = np.random.default_rng(seed)

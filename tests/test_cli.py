@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from conftest import SCRIPT, write_d4rl_file
+from conftest import SCRIPT, TINY_NETS, run_main, write_d4rl_file
 
-SHORT = ["--max-steps=60", "--warmup-steps=20", "--eval-every=30", "--eval-episodes=2"]  # the default networks
+SHORT = ["--max-steps=30", "--warmup-steps=10", "--eval-every=15", "--eval-episodes=2"]  # the default networks
 
 
 def run(args, cwd, cache, timeout=600):
@@ -24,13 +24,13 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
 
 
-def test_reference_command_on_a_cached_file(tmp_path):
+def test_reference_command_on_a_cached_file(bear, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     cached = cache / "walker2d_random-v2.hdf5"
     write_d4rl_file(cached, n=2000)
     before = digest(cached)
     # six evaluations, on one thread so that they are the same everywhere: their best is not their last
-    out = run(["--dataset=walker2d-random-v2", "--seed=0", "--gpu=0", *SHORT, "--eval-every=10", "--threads=1"],
+    out = run(["--dataset=walker2d-random-v2", "--seed=0", "--gpu=0", *SHORT, "--eval-every=5", "--threads=1"],
               tmp_path, cache)
     assert out.returncode == 0, out.stderr
     assert digest(cached) == before  # the cached file is read, never touched
@@ -45,7 +45,7 @@ def test_reference_command_on_a_cached_file(tmp_path):
     assert results["final_return"] == pytest.approx(returns[-1], rel=1e-8)
     assert results["best_return"] == pytest.approx(max(returns), rel=1e-8)
     assert scores[-1] == pytest.approx(100 * (returns[-1] - 1.629008) / (4592.3 - 1.629008), rel=1e-6)  # D4RL's constants
-    assert results["steps"] == 60 and results["dataset_source"] == "cache" and results["device"] == "cpu"
+    assert results["steps"] == 30 and results["dataset_source"] == "cache" and results["device"] == "cpu"
     assert "bytes, D4RL publishes 216109364" in results["dataset_notes"][0]  # the small file's size is recorded
     assert results["comparable_with_published"] is False
     assert results["wall_clock_seconds"] > 0 and results["train_steps_per_second"] > 0
@@ -53,38 +53,44 @@ def test_reference_command_on_a_cached_file(tmp_path):
     assert rows[0].split(",") == ["step", "vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "mmd", "q_mean",
                                   "q_data", "q_data_min", "q_data_max", "return_data", "q_gap", "q_ratio",
                                   "eval_return", "eval_normalized_score"]
-    assert [r.split(",")[0] for r in rows[1:]] == ["10", "20", "30", "40", "50", "60"] and all(r.split(",")[-1] for r in rows[1:])
+    assert [r.split(",")[0] for r in rows[1:]] == ["5", "10", "15", "20", "25", "30"] and all(r.split(",")[-1] for r in rows[1:])
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["max_steps"] == 60 and config["kernel_used"] == "laplacian" and config["env_id"] == "Walker2d-v4"
+    assert config["max_steps"] == 30 and config["kernel_used"] == "laplacian" and config["env_id"] == "Walker2d-v4"
     assert (run_dir / "curves.png").stat().st_size > 1000
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert "CUDA is not available" in out.stderr or "cuda" in results["device"]
     assert "Traceback" not in out.stderr
 
-    # the same command again never overwrites the first run
-    again = run(["--dataset=walker2d-random-v2", "--seed=0", "--gpu=-1", "--max-steps=20", "--eval-every=20",
-                 "--eval-episodes=1", "--log-every=10"], tmp_path, cache)
-    assert again.returncode == 0, again.stderr
+    # the same command again never overwrites the first run (main() in this process)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(cache))
+    monkeypatch.setenv("BEAR_D4RL_BASE_URL", "http://127.0.0.1:9/offline_rl")
+    code, _, err = run_main(bear, ["--dataset=walker2d-random-v2", "--seed=0", "--gpu=-1", "--max-steps=20",
+                                   "--eval-every=20", "--eval-episodes=1", "--log-every=10", *TINY_NETS], capsys)
+    assert code == 0, err
     assert json.loads((run_dir / "results.json").read_text()) == results
     assert json.loads((run_dir.with_name(run_dir.name + "-2") / "results.json").read_text())["steps"] == 20
 
 
-def test_offline_random_dataset_is_regenerated_once_and_marked(tmp_path):
+def test_offline_random_dataset_is_regenerated_once_and_marked(bear, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
+    monkeypatch.chdir(tmp_path)  # main() in this process
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(cache))
+    monkeypatch.setenv("BEAR_D4RL_BASE_URL", "http://127.0.0.1:9/offline_rl")
     args = ["--dataset=hopper-random-v2", "--seed=1", "--gpu=-1", "--max-steps=40", "--warmup-steps=20",
-            "--eval-every=40", "--eval-episodes=1", "--regen-steps=4000", "--log-every=20"]
-    out = run(args, tmp_path, cache)
-    assert out.returncode == 0, out.stderr
-    assert "REGENERATED" in out.stderr and "NOT comparable with published tables" in out.stderr
-    assert "regenerating 4000 random steps" in out.stdout
+            "--eval-every=40", "--eval-episodes=1", "--regen-steps=4000", "--log-every=20", *TINY_NETS]
+    code, out, err = run_main(bear, args, capsys)
+    assert code == 0, err
+    assert "REGENERATED" in err and "NOT comparable with published tables" in err
+    assert "regenerating 4000 random steps" in out
     files = sorted(p.name for p in cache.iterdir())
     assert files == ["bear-regenerated_hopper_random-v2_Hopper-v4_4000steps.hdf5"]  # never D4RL's own file name
     results = json.loads((tmp_path / "runs" / "hopper-random-v2__seed1" / "results.json").read_text())
     assert results["dataset_source"] == "regenerated" and results["comparable_with_published"] is False
     assert math.isfinite(results["final_normalized_score"])
-    again = run(args, tmp_path, cache)
-    assert again.returncode == 0, again.stderr
-    assert "regenerating" not in again.stdout  # reused
+    code, out, err = run_main(bear, args, capsys)
+    assert code == 0, err
+    assert "regenerating" not in out  # reused
 
 
 def test_offline_non_random_dataset_fails_with_url_and_path(tmp_path):
@@ -106,21 +112,43 @@ def test_offline_non_random_dataset_fails_with_url_and_path(tmp_path):
     (["--max-steps=ten"], "invalid int value: 'ten'"),
     (["--no-such-flag=1"], "unrecognized arguments"),
 ])
-def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+def test_bad_input_is_one_line_exit_2(bear, tmp_path, monkeypatch, capsys, args, message):
+    """main() in this process; test_bad_input_through_the_command_line checks the same through a real process."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("BEAR_D4RL_BASE_URL", "http://127.0.0.1:9/offline_rl")
+    code, _, err = run_main(bear, args, capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-steps=ten"], "invalid int value: 'ten'"),  # refused by the parser
+    (["--gamma=1.5"], "--gamma=1.5 is out of range"),  # refused by validate(), as a UserError
+])
+def test_bad_input_through_the_command_line_is_one_line_exit_2(tmp_path, args, message):
     out = run(args, tmp_path, tmp_path / "cache")
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-def test_help_lists_every_hyperparameter_with_its_meaning(tmp_path, bear):
-    out = run(["--help"], tmp_path, tmp_path / "cache")
+@pytest.fixture(scope="module")
+def help_text(tmp_path_factory):
+    """`bear-train.py --help`, once, through the real command line."""
+    folder = tmp_path_factory.mktemp("help")
+    out = run(["--help"], folder, folder / "cache")
     assert out.returncode == 0
+    return out.stdout
+
+
+def test_help_lists_every_hyperparameter_with_its_meaning(help_text, bear):
     import dataclasses
 
     for f in dataclasses.fields(bear.Config):
-        assert f"--{f.name.replace('_', '-')}" in out.stdout
-    assert "transitions per gradient step" in out.stdout
+        assert f"--{f.name.replace('_', '-')}" in help_text
+    assert "transitions per gradient step" in help_text
 
 
 def test_flags_accept_both_spellings(bear):
@@ -158,7 +186,7 @@ def _bad_files(tmp_path):
 
 @pytest.mark.parametrize("case", ["not_hdf5", "missing_keys", "lengths", "nan", "dims", "missing", "log_file",
                                   "log_unwritable"])
-def test_bad_files_and_folders_are_one_line_exit_2_and_change_nothing(tmp_path, case):
+def test_bad_files_and_folders_are_one_line_exit_2_and_change_nothing(bear, tmp_path, monkeypatch, capsys, case):
     data = tmp_path / "data"
     data.mkdir()
     cases = _bad_files(data)
@@ -175,14 +203,17 @@ def test_bad_files_and_folders_are_one_line_exit_2_and_change_nothing(tmp_path, 
             args.append("--log-dir=/proc/bear-runs")  # even root cannot create folders there
             message = "is not writable"
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    out = run(args + ["--gpu=-1"], tmp_path, tmp_path / "cache")
-    assert out.returncode == 2, out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr and "Traceback" not in out.stderr
+    monkeypatch.chdir(tmp_path)  # main() in this process
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("BEAR_D4RL_BASE_URL", "http://127.0.0.1:9/offline_rl")
+    code, _, err = run_main(bear, args + ["--gpu=-1"], capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "runs").exists()
 
 
-def test_help_is_grouped_as_config_is(bear, tmp_path):
+def test_help_is_grouped_as_config_is(bear, help_text):
     """Every flag in exactly one --help group; the groups are Config's sections, in Config's order, and each field
     sits under the section() above it."""
     import dataclasses
@@ -202,6 +233,5 @@ def test_help_is_grouped_as_config_is(bear, tmp_path):
     assert sorted(grouped) == sorted(fields) and len(grouped) == len(set(grouped))  # each in exactly one group
     assert grouped == fields  # in Config's order, section by section
     assert parser_groups["BEAR"][0] == "gamma" and parser_groups["data"] == ["regen_steps", "regen_workers", "offline"]
-    out = run(["--help"], tmp_path, tmp_path / "cache")
-    positions = [out.stdout.index(f"\n{title}:\n") for title in bear.SECTIONS]
+    positions = [help_text.index(f"\n{title}:\n") for title in bear.SECTIONS]
     assert positions == sorted(positions)
