@@ -251,3 +251,18 @@ def test_video_without_a_working_gl_backend_is_one_line_naming_mujoco_gl_and_exi
     assert line.startswith("bear-train.py: error: MuJoCo cannot render off-screen with MUJOCO_GL=osmesa (")
     assert "apt-get install libosmesa6 (Debian/Ubuntu)" in line
     assert not (run / "videos").exists()
+
+
+def test_best_is_the_first_of_equal_bests_and_final_is_every_evaluation(bear):
+    """Run.write_evaluation's choice, on its own: which evaluations rewrite which policy file."""
+    from types import SimpleNamespace
+
+    written = []
+    run = SimpleNamespace(state={"evals": []}, target=bear.EvalTarget("Walker2d-v4", (0.0, 100.0)),
+                          policies=SimpleNamespace(write=lambda which, snap, step, ret, score: written.append((which, step))),
+                          tqdm=SimpleNamespace(write=lambda line: None), bar=SimpleNamespace(set_postfix=lambda **k: None))
+    values = {"alpha": 1.0, "mmd": 0.1, "critic_loss": 1.0}
+    for step, ret in ((1, 5.0), (2, 7.0), (3, 7.0), (4, 6.0), (5, 8.0)):
+        bear.Run.write_evaluation(run, step, dict(values), np.array([ret]), {})
+    assert [s for w, s in written if w == "final"] == [1, 2, 3, 4, 5]
+    assert [s for w, s in written if w == "best"] == [1, 2, 5]  # step 3 ties step 2: the first is kept
