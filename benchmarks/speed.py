@@ -508,7 +508,7 @@ def main():
         serve(args)
         return
     if args.small:
-        args.rounds, args.block, args.steps, args.regen_steps, args.pool_steps = 2, 2, 10, 2000, 20
+        args.rounds, args.block, args.steps, args.regen_steps, args.pool_steps = 2, 2, 10, 2000, 10
     tiny = int(args.small)  # every bear-train.py agent 8 wide in --small
 
     import platform

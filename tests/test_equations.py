@@ -179,3 +179,41 @@ def test_vae_loss_is_mse_of_tanh_decoder_plus_half_kl(bear):
     many = vae.decode_raw(s, zs)  # [B, n, A]
     for j in range(3):
         assert torch.allclose(many[:, j], vae.decode_raw(s, zs[:, j]), atol=1e-6)
+
+
+def test_the_actors_log_std_is_clamped_at_both_ends(bear):
+    """log sigma of pi is clamped to [-20, 2]: a log-std layer whose bias is +50 (or -50) gives std exp(2) (or
+    exp(-20)): with the mean at 0 every sample is that std times its normal draw."""
+    agent = make_agent(bear)
+    actor = agent.actor
+    s = torch.randn(4, 3)
+    eps = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(5))
+    for bias, log_std in ((50.0, 2.0), (-50.0, -20.0)):
+        with torch.no_grad():
+            actor.log_std.weight.zero_()
+            actor.log_std.bias.fill_(bias)
+            actor.mu.weight.zero_()  # mean 0, so that even a std of exp(-20) shows in float32
+            actor.mu.bias.zero_()
+            u = actor.sample(s, 3, torch.Generator().manual_seed(5))
+        std = u / eps
+        torch.testing.assert_close(std, torch.full_like(std, math.exp(log_std)), rtol=1e-4, atol=0)
+
+
+def test_the_vaes_log_std_is_clamped_at_both_ends(bear):
+    """log sigma of the VAE's encoder is clamped to [-4, 15] in its loss: past either end the KL is that of the
+    clamped std."""
+    agent = make_agent(bear)
+    vae = agent.vae
+    s, a = torch.randn(5, 3), torch.rand(5, 2) * 2 - 1
+    for bias, log_std in ((50.0, 15.0), (-50.0, -4.0)):
+        with torch.no_grad():
+            vae.log_std.weight.zero_()
+            vae.log_std.bias.fill_(bias)
+            mean = vae.mean(vae.encoder(torch.cat([s, a], 1)))
+            torch.manual_seed(3)
+            got = vae.loss(s, a, 1.0)
+            torch.manual_seed(3)
+            z = mean + math.exp(log_std) * torch.randn_like(mean)
+            recon = ((torch.tanh(vae.decoder(vae.dec_in.linear(torch.cat([s, z], 1)))) - a) ** 2).mean()
+            kl = (0.5 * (mean ** 2 + math.exp(2 * log_std) - 1) - log_std).mean()
+        assert got.item() == pytest.approx((recon + kl).item(), rel=1e-5)
