@@ -1842,11 +1842,11 @@ def set_rng_states(states: dict, device: torch.device) -> bool:
     """Restores what rng_states saved; the CUDA state goes into the training device. False when the run was saved
     on another device type: its draws came from another generator, and the caller restarts the streams."""
     random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])  # first: it refuses a state that has left the CPU
     saved = states["numpy"]
     if isinstance(saved, dict):
         saved = (saved["kind"], saved["key"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"], saved["gauss"])
     np.random.set_state(saved)  # a tuple in a checkpoint of an earlier release
-    torch.set_rng_state(states["torch"])
     if states.get("device_type", "cpu") != device.type:
         return False
     if device.type == "cuda":

@@ -219,7 +219,8 @@ def test_help_is_grouped_as_config_is(bear, help_text):
     import dataclasses
 
     assert bear.SECTIONS[:5] == ["run", "BEAR", "networks and optimisers", "evaluation and logging", "data"]
-    assert bear.SECTIONS[5].startswith("sweep") and len(bear.SECTIONS) == 6
+    assert bear.SECTIONS[5].startswith("after training") and bear.SECTIONS[6].startswith("sweep")
+    assert len(bear.SECTIONS) == 7
     parser_groups = {}
     real = bear.OneLineParser.parse_args
     bear.OneLineParser.parse_args = lambda self, argv=None: parser_groups.update(
