@@ -133,7 +133,7 @@ def test_resuming_on_another_device_type_restarts_the_streams_once_and_records_i
     ckpt = folder / "checkpoint-000000020.pt"
     saved = torch.load(ckpt, weights_only=False)  # made as a GPU run makes it
     saved["rng"] |= {"device_type": "cuda", "cuda": torch.zeros(16, dtype=torch.uint8)}
-    torch.save(saved, ckpt)
+    bear.save_checkpoint(folder, saved)  # with its manifest, as the GPU run writes it
     out = subprocess.run(args + ["--max-steps=40", "--resume"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stderr.count("the random streams restart") == 1
