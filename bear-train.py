@@ -498,7 +498,7 @@ class Evaluator:
         with torch.random.fork_rng(devices=[]):  # their initial weights are overwritten: leave training's stream be
             self.actor = Actor(state_dim, action_dim, cfg.actor_hidden).requires_grad_(False)
             self.critics = QEnsemble(state_dim, action_dim, cfg.critic_hidden, cfg.num_critics).requires_grad_(False)
-        self.envs = [target.make(render_mode="rgb_array" if i < render else None) for i in range(cfg.eval_episodes)]
+        self.envs = [target.make(render_mode="rgb_array") if i < render else target.make() for i in range(cfg.eval_episodes)]
         self.seeds = [10_000 + 1_000 * cfg.seed + i for i in range(cfg.eval_episodes)]
         self.lengths, self.sink = None, None  # sink(i, frame): the frames of the rendered episodes, as they come
 

@@ -211,11 +211,14 @@ def test_a_checkpoint_of_an_earlier_release_with_numpys_pickled_state_resumes(be
     assert scores(copy) == scores(reference)
 
 
-def test_a_full_disk_loses_nothing_and_resume_continues_exactly(bear, data, reference, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("full_at", ["checkpoint", "policy"])
+def test_a_full_disk_loses_nothing_and_resume_continues_exactly(bear, data, reference, tmp_path, monkeypatch, capsys,
+                                                                full_at):
     real_save = torch.save
+    key = {"checkpoint": "agent", "policy": "program"}[full_at]  # the first write of step 300: its policy, or checkpoint
 
     def save(obj, f, *a, **k):
-        if isinstance(obj, dict) and obj.get("step") == 300:
+        if isinstance(obj, dict) and obj.get("step") == 300 and key in obj:
             f.write(b"\0" * 4096)  # part of it, then the disk is full
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, f, *a, **k)
@@ -225,7 +228,9 @@ def test_a_full_disk_loses_nothing_and_resume_continues_exactly(bear, data, refe
     folder = tmp_path / reference.name
     line = one_line(capsys.readouterr().err)
     assert line.startswith("bear-train.py: disk full: no space left on the disk mounted at ")
-    assert f"while writing {folder / 'checkpoint-000000300.pt'}" in line and line.endswith("plus --resume")
+    name = {"checkpoint": "checkpoint-000000300.pt", "policy": "policy-final.pt"}[full_at]
+    assert f"while writing {folder / name}" in line and line.endswith("plus --resume")
+    assert torch.load(folder / "policy-final.pt", weights_only=True)["step"] == (300 if full_at == "checkpoint" else 200)
     assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-000000100.json", "checkpoint-000000100.pt",
                                                                   "checkpoint-000000200.json", "checkpoint-000000200.pt"]
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # no partial file

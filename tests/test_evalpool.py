@@ -157,10 +157,10 @@ def _slow_update(self, *args, **kwargs):
 _write = Run.write_evaluation
 
 
-def _recording_write(self, step, values, returns):
+def _recording_write(self, step, values, returns, *rest):
     with open({str(record)!r}, "a") as f:
         f.write(f"{{step}} {{_updates[0]}}\\n")
-    return _write(self, step, values, returns)
+    return _write(self, step, values, returns, *rest)
 
 
 BEAR.update, Run.write_evaluation = _slow_update, _recording_write

@@ -249,7 +249,9 @@ def test_a_sweep_started_twice_on_one_log_folder_trains_each_run_once(ray_addres
 def test_a_run_that_crashes_is_retried_once_then_reported(ray_address, data, tmp_path):
     cmd = sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5"], "0-1", 100, 100)
     assert run(cmd).returncode == 0
-    (tmp_path / "walker2d_a__seed1" / "checkpoint-000000100.pt").write_bytes(b"not a checkpoint")  # a disk's fault
+    metrics = tmp_path / "walker2d_a__seed1" / "metrics.csv"  # a run folder gone wrong in a way nobody plans for
+    metrics.unlink()
+    metrics.mkdir()  # (a damaged checkpoint is not a crash: the run falls back, tests/test_damage.py)
     out = run(sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5"], "0-1", 200, 100))
     assert out.returncode == 1, out.stdout + out.stderr
     assert "walker2d_a__seed1 crashed (bear-train.py: crashed: " in out.stdout and "retrying it once" in out.stdout
