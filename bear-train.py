@@ -851,6 +851,12 @@ def on_signals(action):
             signal.signal(sig, handler)
 
 
+def first_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def warn(message: str, loud: bool = False) -> None:
     bar = "!" * 100
     text = f"{bar}\n!!! WARNING: {message}\n{bar}" if loud else f"WARNING: {message}"
@@ -1134,7 +1140,7 @@ def load_minari(spec: DatasetSpec, offline: bool, gamma: float = 0.99) -> tuple[
     except UserError:
         raise
     except Exception as e:  # minari and h5py raise many kinds on bad metadata or data
-        raise UserError(f"{folder} is not a readable Minari dataset ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        raise UserError(f"{folder} is not a readable Minari dataset ({first_line(e)}); "
                         f"delete it and fetch it again with {fetch}") from None
     notes = ["Minari dataset: other environments, policies and reference scores than D4RL's; not comparable with "
              "D4RL tables"]
@@ -1157,8 +1163,8 @@ def _download_minari(spec: DatasetSpec, folder: Path, fetch: str) -> None:
             raise
         if not isinstance(e, Exception):
             raise
-        raise UserError(f"could not download Minari dataset {spec.name} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); fetch it with {fetch}") from None
+        raise UserError(f"could not download Minari dataset {spec.name} ({first_line(e)}); "
+                        f"fetch it with {fetch}") from None
 
 
 def quietly(make, **kwargs):
@@ -1939,7 +1945,7 @@ def checkpoint_damage(path: Path) -> tuple[str, dict | None]:
     except Refused:
         raise
     except Exception as e:
-        return f"it does not load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", None
+        return f"it does not load: {first_line(e)}", None
     if not isinstance(saved, dict) or any(k not in saved for k in CHECKPOINT_KEYS):
         return "it is not a checkpoint of this script", None
     return "", saved
@@ -1984,7 +1990,7 @@ def read_run_json(path: Path, what: str) -> dict:
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as e:
-        raise UserError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        raise UserError(f"{path} is damaged ({first_line(e)}); "
                         f"{what}") from None
     if not isinstance(value, dict):
         raise UserError(f"{path} is damaged (not a JSON object); {what}")
@@ -2313,7 +2319,7 @@ def load_policy(path: Path) -> dict:
     except Refused:
         raise
     except Exception as e:
-        saved, why = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        saved, why = None, first_line(e)
     else:
         why = "not a policy file of this script" if not isinstance(saved, dict) or \
             saved.get("format") != POLICY_FORMAT or any(k not in saved for k in POLICY_KEYS) else ""
@@ -2430,7 +2436,7 @@ def choose_gl() -> str:
             env.render()
             env.close()
         except Exception as e:  # no libEGL/libOSMesa: AttributeError or ImportError; no display: mujoco.FatalError
-            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            why = first_line(e)
         env = None
         gc.collect()
     finally:
@@ -2805,7 +2811,7 @@ def _finish(run: SweepRun, ray, max_retries: int, submit) -> None:
     try:
         code, last = ray.get(run.ref)
     except ray.exceptions.RayError as e:  # the worker or its node died
-        code, last = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        code, last = None, first_line(e)
     if code == 0:
         run.state = "done"
         results = json.loads((run.folder / "results.json").read_text())
@@ -2984,7 +2990,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bear-train.py: disk full: {DiskFull(Path(e.filename or Path.cwd() / '-'))}", file=sys.stderr)
             return EXIT_DISK_FULL
         path = crash_report(e, getattr(e, "crash_folder", None))
-        print(f"bear-train.py: crashed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (traceback in "
+        print(f"bear-train.py: crashed: {first_line(e)} (traceback in "
               f"{path})", file=sys.stderr, flush=True)
         return EXIT_CRASHED
     return 0
