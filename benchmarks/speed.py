@@ -436,14 +436,21 @@ def spawn(kind, python=sys.executable, **kw) -> dict:
 
 class Server:
     """A stepper in its own process (its own interpreter: d3rlpy lives in a separate venv), kept alive so that blocks
-    of the implementations can alternate every few seconds: A B A B ... in one run, under the same machine load."""
+    of the implementations can alternate every few seconds: A B A B ... in one run, under the same machine load.
+    It starts at once and is waited for at its first use: servers made together load (and compile) side by side,
+    and timing starts once all of them are ready (`ready`)."""
 
     def __init__(self, kind, python=sys.executable, **kw):
         cmd = [python, __file__, f"--serve={kind}"] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
-        self.kind = kind
+        self.kind, self.started = kind, False
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-        self._answer()
+
+    def ready(self) -> "Server":
+        if not self.started:
+            self._answer()
+            self.started = True
+        return self
 
     def _answer(self) -> str:
         for line in self.proc.stdout:
@@ -452,6 +459,7 @@ class Server:
         raise RuntimeError(f"{self.kind} worker failed:\n{self.proc.stderr.read()[-3000:]}")
 
     def steps_per_s(self, n, fixed=False) -> float:
+        self.ready()
         self.proc.stdin.write(f"{n} {int(fixed)}\n")
         self.proc.stdin.flush()
         return n / float(self._answer())
@@ -459,6 +467,12 @@ class Server:
     def close(self):
         self.proc.stdin.close()
         self.proc.wait()
+
+
+def ready(*servers) -> None:
+    """Waits until every server has loaded, before any is timed."""
+    for server in servers:
+        server.ready()
 
 
 def quartiles(xs) -> str:
@@ -530,6 +544,7 @@ def main():
             servers["optim"], servers["tiny"] = Server("optim", tiny=tiny), Server("bear", tiny=1)
             blocks += [("matmuls", False), ("optim", False), ("tiny", False)]
         rate = {name: [] for name, _ in blocks}
+        ready(*servers.values())
         for r in range(args.rounds):  # A B A B ..., rotating which goes first
             for name, fixed in blocks[r % len(blocks):] + blocks[:r % len(blocks)]:
                 rate[name].append(servers[name.split()[0]].steps_per_s(args.block, fixed))
@@ -580,6 +595,7 @@ def main():
         rounds = 1 if tiny else max(3, args.rounds // 3)
         for k in (2,) if tiny else (2, 5, 10):  # A B A B: the script's loop of K networks, one batched bmm module
             looped, batched = Server("bear", k=k, tiny=tiny), Server("bear", k=k, batched=1, tiny=tiny)
+            ready(looped, batched)
             rates = [(looped.steps_per_s(args.block), batched.steps_per_s(args.block)) for _ in range(rounds)]
             looped.close(), batched.close()
             row(f"K={k} critics, batch 256 (steps/s)", f"{statistics.median(r[0] for r in rates):.1f}",
@@ -675,7 +691,8 @@ def evalpool_part(args, tiny) -> None:
     names = [v for v in POOL_VARIANTS if v in args.pool_variants]
     walls, rates, waits = ({name: [] for name in names} for _ in range(3))
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "halfcheetah_synthetic.hdf5"
+        # --small: a walker2d-shaped file, whose evaluation episodes end within steps, not after 1000
+        path = Path(tmp) / ("walker2d_synthetic.hdf5" if tiny else "halfcheetah_synthetic.hdf5")
         write_million(path, n=2000 if tiny else 100_000)
         flags = {"off": ([f"--eval-every={args.pool_steps}", "--eval-workers=1"], pool_core),
                  "pool": ([f"--eval-every={every}", "--eval-workers=1"], pool_core),
@@ -684,18 +701,7 @@ def evalpool_part(args, tiny) -> None:
         for r in range(args.pool_rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 extra, worker_core = flags[name]
-                run_name = f"{name}-{r}"
-                proc = run_script(path, tmp, tiny, "--gpu=-1", "--threads=1", "--warmup-steps=0",
-                                  f"--run-name={run_name}", f"--max-steps={args.pool_steps}", *extra, popen=True)
-                os.sched_setaffinity(proc.pid, {train_core})
-                while proc.poll() is None:  # the worker (a child of the training process) goes to its core
-                    for child in children(proc.pid):
-                        with contextlib.suppress(OSError):
-                            os.sched_setaffinity(child, {worker_core})
-                    time.sleep(0.5)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"bear-train.py failed:\n{proc.stderr.read()[-3000:]}")
-                results = json.loads((Path(tmp) / "runs" / run_name / "results.json").read_text())
+                results = pool_run(path, tmp, tiny, f"{name}-{r}", args.pool_steps, extra, train_core, worker_core)
                 walls[name].append(results["wall_clock_seconds"])
                 rates[name].append(results["train_steps_per_second"])
                 waits[name].append(results["eval_wait_seconds"] + results["final_eval_wait_seconds"])
@@ -719,6 +725,22 @@ def evalpool_part(args, tiny) -> None:
                 + ", ".join(f"{a / b:.3f}" for a, b in zip(walls[name], walls["off"])) if args.pool_rounds > 1 else ""))
 
 
+def pool_run(path, tmp, tiny, run_name, steps, extra, train_core, worker_core) -> dict:
+    """One run of the evalpool part: training pinned to train_core, its evaluation worker moved to worker_core once
+    it starts. Returns its results.json."""
+    proc = run_script(path, tmp, tiny, "--gpu=-1", "--threads=1", "--warmup-steps=0", f"--run-name={run_name}",
+                      f"--max-steps={steps}", *extra, popen=True)
+    os.sched_setaffinity(proc.pid, {train_core})
+    while proc.poll() is None:  # the worker (a child of the training process) goes to its core
+        for child in children(proc.pid):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(child, {worker_core})
+        time.sleep(0.5)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bear-train.py failed:\n{proc.stderr.read()[-3000:]}")
+    return json.loads((Path(tmp) / "runs" / run_name / "results.json").read_text())
+
+
 def bf16_part(args, tiny) -> None:
     """--precision=bf16 against fp32, A B alternating in one run: the update, the step's matmuls alone in each dtype
     (the arithmetic limits) and d3rlpy 2.8.1 (fp32) when its venv is there."""
@@ -729,6 +751,7 @@ def bf16_part(args, tiny) -> None:
         servers["d3rlpy"] = Server("d3rlpy", python=args.d3rlpy_python, batch=8 if tiny else 256)
     names = list(servers)
     rate = {name: [] for name in names}
+    ready(*servers.values())
     for r in range(args.rounds):  # A B A B ..., rotating which goes first
         for name in names[r % len(names):] + names[:r % len(names)]:
             rate[name].append(servers[name].steps_per_s(args.block))
@@ -772,15 +795,17 @@ def children(pid: int) -> list[int]:
 def device_part(args, tiny) -> None:
     """Every figure of one device, in one go (on a GPU machine: --device=cuda:0)."""
     dev, rounds = args.device, 2 if tiny else 5
-    for k, batch in ((2, 256),) if tiny else ((2, 256), (10, 256), (2, 1024)):
-        server = Server("bear", k=k, batch=batch, device=dev, tiny=tiny)
+    shapes = ((2, 256),) if tiny else ((2, 256), (10, 256), (2, 1024))
+    eager = {shape: Server("bear", k=shape[0], batch=shape[1], device=dev, tiny=tiny) for shape in shapes}
+    compiled = Server("bear", device=dev, tiny=tiny, compile=1, warmup=3)
+    ready(*eager.values(), compiled)  # loaded (and compiled) side by side; timed one at a time
+    for (k, batch), server in eager.items():
         rate = statistics.median(server.steps_per_s(args.block) for _ in range(rounds))
-        server.close()
         row(f"{dev}: eager update, K={k}, batch {batch} (steps/s)", f"{rate:.1f}", f"median of {rounds} blocks of "
             f"{args.block}")
-    eager, compiled = Server("bear", device=dev, tiny=tiny), Server("bear", device=dev, tiny=tiny, compile=1, warmup=3)
-    pairs = [(eager.steps_per_s(args.block), compiled.steps_per_s(args.block)) for _ in range(rounds)]
-    eager.close(), compiled.close()
+    pairs = [(eager[2, 256].steps_per_s(args.block), compiled.steps_per_s(args.block)) for _ in range(rounds)]
+    for server in (*eager.values(), compiled):
+        server.close()
     plain, fast = statistics.median(r[0] for r in pairs), statistics.median(r[1] for r in pairs)
     row(f"{dev}: --compile, K=2, batch 256 (steps/s)", f"{fast:.1f}", f"eager {plain:.1f} in the same A B rounds: "
         f"{fast / plain:.2f}x")

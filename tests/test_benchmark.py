@@ -42,7 +42,7 @@ def test_servers_time_blocks_on_request(speed):
 
 def test_a_failing_server_reports_its_error(speed):
     with pytest.raises(RuntimeError, match="bear worker failed"):
-        speed.Server("bear", threads=0)  # torch refuses 0 threads
+        speed.Server("bear", threads=0).ready()  # torch refuses 0 threads
 
 
 # every part, in groups that share one driver (and, for update, d3rlpy and flops, its timing servers)
@@ -70,20 +70,29 @@ def test_every_part_of_the_speed_benchmark_runs_at_a_tiny_size(parts, tmp_path):
     assert len(rows) == SPEED_PARTS[parts], out.stdout
 
 
-def test_the_evalpool_part_alternates_chosen_variants_over_rounds(tmp_path):
-    import subprocess
-    import sys
+def test_the_evalpool_part_alternates_chosen_variants_over_rounds(speed, monkeypatch, capsys):
+    """--pool-variants off pool --pool-rounds 2: the variants run A B, then B A, and each figure is a median over the
+    rounds, each ratio the median of the per-round ratios (the runs themselves are the [evalpool] smoke test's)."""
+    calls, walls = [], {("off", 0): 10.0, ("pool", 0): 12.0, ("off", 1): 20.0, ("pool", 1): 30.0}
 
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--small", "--parts", "evalpool",
-                          "--pool-variants", "pool", "off", "--pool-rounds", "2"],
-                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
-            if line.startswith("| ") and "figure" not in line]
-    assert [r[0].split(" (")[0] for r in rows] == ["10 steps, evaluation only at the end", "10 steps, evaluation every 5 "
-                                                   "steps, pool", "evaluation in the pool, wall time over evaluation off"]
-    assert all("median of 2 runs" in r[2] for r in rows[:2]) and len(rows[2][2].split("per round: ")[1].split(", ")) == 2
-    assert float(rows[2][1].rstrip("x")) > 0
+    def pool_run(path, tmp, tiny, run_name, steps, extra, train_core, worker_core):
+        name, r = run_name.rsplit("-", 1)
+        calls.append((name, int(r)))
+        return {"wall_clock_seconds": walls[name, int(r)], "train_steps_per_second": 1.0, "eval_wait_seconds": 0.5,
+                "final_eval_wait_seconds": 0.25}
+
+    monkeypatch.setattr(speed, "pool_run", pool_run)
+    args = argparse.Namespace(pool_variants=["pool", "off"], pool_rounds=2, pool_steps=10)
+    speed.evalpool_part(args, 1)
+    assert calls == [("off", 0), ("pool", 0), ("pool", 1), ("off", 1)]  # the order rotates each round
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ")]
+    assert [r[0] for r in rows] == ["10 steps, evaluation only at the end (off) (wall s)",
+                                    "10 steps, evaluation every 5 steps, pool (wall s)",
+                                    "evaluation in the pool, wall time over evaluation off"]
+    assert [r[1] for r in rows] == ["15", "21", "1.350x"]  # medians of 10, 20 and 12, 30; of the ratios 1.2 and 1.5
+    assert all("median of 2 runs" in r[2] and "waited for evaluations 0.8 s" in r[2] for r in rows[:2])
+    assert rows[2][2].endswith("per round: 1.200, 1.500")
 
 
 def run_benchmark(cmd, tmp_path, **env):
