@@ -1,8 +1,13 @@
-"""--compile: torch.compile of the update gives the same losses as the eager update (CPU, float tolerance)."""
+"""--compile: torch.compile of the update gives the same losses as the eager update (CPU, float tolerance).
+
+Both tests and the speed benchmark's --small compile the update at the same sizes (8 wide, batch 8, K = 2, 17-dim
+states, 6-dim actions): inductor's cache of compiled graphs then compiles it once in a session, not three times."""
 import pytest
 import torch
 
-from conftest import random_transitions
+from conftest import random_transitions, run_main
+
+EIGHT = dict(actor_hidden=8, critic_hidden=8, vae_hidden=8, batch_size=8)  # benchmarks/speed.py's TINY_NETS
 
 
 def test_compiled_update_matches_eager(bear):
@@ -11,10 +16,10 @@ def test_compiled_update_matches_eager(bear):
     inductor_config.fallback_random = True  # the compiled graph draws the same random numbers as eager
     data = random_transitions(500, terminal_rate=0.1)
     buffer = bear.ReplayBuffer(data, torch.device("cpu"))
-    batches = [buffer.sample(32) for _ in range(4)]
+    batches = [buffer.sample(8) for _ in range(4)]
     sums = []
     for compile in (False, True):
-        cfg = bear.Config(compile=compile, actor_hidden=32, critic_hidden=32, vae_hidden=48, batch_size=32)
+        cfg = bear.Config(compile=compile, **EIGHT)
         torch.manual_seed(0)
         agent = bear.BEAR(cfg, 17, 6, "laplacian", torch.device("cpu"))
         per_step = []
@@ -32,27 +37,30 @@ def test_compiled_update_matches_eager(bear):
     assert not torch.equal(eager[0], eager[-1])  # the steps did change something
 
 
-def test_compile_through_the_command_line_gives_the_eager_runs_numbers(tmp_path):
+def test_compile_through_the_command_line_gives_the_eager_runs_numbers(bear, tmp_path, capsys, monkeypatch):
     import csv
-    import subprocess
-    import sys
+    import json
 
-    from conftest import SCRIPT, write_d4rl_file
+    from conftest import write_d4rl_file
+
+    compiled_calls, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compiled_calls.append(a) or real_compile(*a, **k))
 
     data = tmp_path / "walker2d_c.hdf5"
     write_d4rl_file(data, n=400)
-    args = [sys.executable, str(SCRIPT), f"--dataset={data}", f"--log-dir={tmp_path}", "--max-steps=8",
-            "--warmup-steps=4", "--log-every=4", "--eval-every=8", "--actor-hidden=8", "--critic-hidden=8",
-            "--vae-hidden=8", "--batch-size=8", "--eval-episodes=1", "--eval-candidates=4", "--gpu=-1",
-            "--eval-workers=0", "--threads=1"]
+    args = [f"--dataset={data}", f"--log-dir={tmp_path}", "--max-steps=8", "--warmup-steps=4", "--log-every=4",
+            "--eval-every=8", *(f"--{k.replace('_', '-')}={v}" for k, v in EIGHT.items()), "--eval-episodes=1",
+            "--eval-candidates=4", "--gpu=-1", "--eval-workers=0", "--threads=1"]
     rows = {}
     for name, flag in (("eager", "--no-compile"), ("compiled", "--compile")):
-        out = subprocess.run(args + [flag, f"--run-name={name}"], capture_output=True, text=True, timeout=900)
-        assert out.returncode == 0, out.stderr[-3000:]
+        before = len(compiled_calls)
+        code, _, err = run_main(bear, args + [flag, f"--run-name={name}"], capsys)
+        assert code == 0, err[-3000:]
+        assert len(compiled_calls) - before == (name == "compiled")  # the update, compiled only with --compile
         with open(tmp_path / name / "metrics.csv", newline="") as f:
             rows[name] = list(csv.DictReader(f))
     assert len(rows["compiled"]) == len(rows["eager"]) == 2
-    assert __import__("json").loads((tmp_path / "compiled" / "config.json").read_text())["compile"] is True
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["compile"] is True
     for eager, compiled in zip(rows["eager"], rows["compiled"]):  # both warm-up and post-warm-up steps
         for key in ("vae_loss", "critic_loss", "actor_loss", "alpha", "mmd", "q_mean", "q_data"):
             assert float(compiled[key]) == pytest.approx(float(eager[key]), rel=1e-4, abs=1e-6), key
