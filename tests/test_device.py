@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SCRIPT, write_d4rl_file
+from conftest import SCRIPT, run_main, write_d4rl_file
 
 TINY = ["--actor-hidden=16", "--critic-hidden=16", "--vae-hidden=16", "--batch-size=16", "--warmup-steps=10",
         "--log-every=10", "--eval-episodes=1", "--eval-candidates=4", "--gpu=-1", "--eval-workers=0"]
@@ -119,7 +119,8 @@ def test_only_the_training_devices_cuda_state_is_saved_and_it_is_restored_into_t
     assert two.restored == {1: 3}
 
 
-def test_resuming_on_another_device_type_restarts_the_streams_once_and_records_it(bear, tmp_path, monkeypatch):
+def test_resuming_on_another_device_type_restarts_the_streams_once_and_records_it(bear, tmp_path, monkeypatch,
+                                                                                   capsys):
     cpu_states = bear.rng_states(torch.device("cpu"))
     fake = FakeCuda(1)
     fake.install(monkeypatch)
@@ -127,16 +128,16 @@ def test_resuming_on_another_device_type_restarts_the_streams_once_and_records_i
     monkeypatch.undo()
     data = tmp_path / "walker2d_x.hdf5"
     write_d4rl_file(data, n=400)
-    args = [sys.executable, str(SCRIPT), f"--dataset={data}", f"--log-dir={tmp_path}", "--eval-every=20", *TINY]
-    assert subprocess.run(args + ["--max-steps=20"], capture_output=True).returncode == 0
+    args = [f"--dataset={data}", f"--log-dir={tmp_path}", "--eval-every=20", *TINY]
+    assert run_main(bear, args + ["--max-steps=20"], capsys)[0] == 0
     folder = tmp_path / "walker2d_x__seed0"
     ckpt = folder / "checkpoint-000000020.pt"
     saved = torch.load(ckpt, weights_only=False)  # made as a GPU run makes it
     saved["rng"] |= {"device_type": "cuda", "cuda": torch.zeros(16, dtype=torch.uint8)}
     bear.save_checkpoint(folder, saved)  # with its manifest, as the GPU run writes it
-    out = subprocess.run(args + ["--max-steps=40", "--resume"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stderr.count("the random streams restart") == 1
+    code, _, err = run_main(bear, args + ["--max-steps=40", "--resume"], capsys)
+    assert code == 0, err
+    assert err.count("the random streams restart") == 1
     restarts = json.loads((folder / "results.json").read_text())["rng_restarts"]
     assert restarts == [{"step": 20, "saved_on": "cuda", "resumed_on": "cpu"}]
 
@@ -170,24 +171,25 @@ def test_data_are_prepared_before_cuda_is_first_touched(bear, tmp_path, monkeypa
     assert fake.calls  # and CUDA was asked afterwards (--gpu=0)
 
 
-def test_an_unexpected_error_gets_its_own_exit_code_one_line_and_its_traceback_in_the_run_folder(tmp_path):
+def test_an_unexpected_error_gets_its_own_exit_code_one_line_and_its_traceback_in_the_run_folder(bear, tmp_path,
+                                                                                                  monkeypatch, capsys):
     data = tmp_path / "walker2d_e.hdf5"
     write_d4rl_file(data, n=400)
-    code = (f"import importlib.util, sys; s = importlib.util.spec_from_file_location('m', r'{SCRIPT}'); "
-            "m = importlib.util.module_from_spec(s); sys.modules['m'] = m; s.loader.exec_module(m); "
-            "real = m.BEAR._update\n"
-            "def broken(self, batch, warmup):\n"
-            "    if int(self.step) == 15: raise RuntimeError('a fault in the update')\n"
-            "    return real(self, batch, warmup)\n"
-            "m.BEAR._update = broken\n"
-            f"sys.exit(m.main(['--dataset={data}', '--log-dir={tmp_path}', '--max-steps=40', '--eval-every=10', "
-            f"'--checkpoint-every=10', {', '.join(repr(a) for a in TINY)}]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 70, out.stderr
-    lines = [line for line in out.stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    real = bear.BEAR._update
+
+    def broken(self, batch, warmup):
+        if int(self.step) == 15:
+            raise RuntimeError("a fault in the update")
+        return real(self, batch, warmup)
+
+    monkeypatch.setattr(bear.BEAR, "_update", broken)
+    code, _, err = run_main(bear, [f"--dataset={data}", f"--log-dir={tmp_path}", "--max-steps=40", "--eval-every=10",
+                                   "--checkpoint-every=10", *TINY], capsys)
+    assert code == 70, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
     folder = tmp_path / "walker2d_e__seed0"
     assert lines == [f"bear-train.py: crashed: RuntimeError: a fault in the update (traceback in {folder / 'error.log'})"]
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in err
     log = (folder / "error.log").read_text()
     assert "Traceback (most recent call last)" in log and "RuntimeError: a fault in the update" in log
     assert (folder / "checkpoint-000000010.pt").exists() and not (folder / "results.json").exists()

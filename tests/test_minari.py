@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import SCRIPT, write_minari_dataset
+from conftest import SCRIPT, run_main, write_minari_dataset
 
 SHORT = ["--max-steps=60", "--warmup-steps=30", "--eval-every=30", "--eval-episodes=2", "--log-every=30",
          "--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=32", "--batch-size=32", "--eval-candidates=4",
-         "--gpu=-1"]
+         "--gpu=-1", "--eval-workers=0"]  # evaluation in the training process: the pool is test_evalpool's
 
 
 def run(args, cwd, root, **extra):
@@ -23,16 +23,23 @@ def run(args, cwd, root, **extra):
                           timeout=600)
 
 
+def run_here(bear, args, cwd, root, monkeypatch, capsys):
+    """bear-train.py's main(args) in this process, as `run` would start it: (exit code, stdout, stderr)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    return run_main(bear, args, capsys)
+
+
 def snapshot(folder):
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_dataset_by_id_end_to_end(tmp_path):
+def test_a_dataset_by_id_end_to_end(bear, tmp_path, monkeypatch, capsys):
     root = tmp_path / "minari"
     write_minari_dataset(root, "mujoco/halfcheetah/tiny-v0", "HalfCheetah-v5", [(120, "trunc"), (80, "trunc")],
                          ref=(-300.0, 1200.0))
-    out = run(["--dataset=mujoco/halfcheetah/tiny-v0", *SHORT], tmp_path, root)
-    assert out.returncode == 0, out.stderr
+    code, _, err = run_here(bear, ["--dataset=mujoco/halfcheetah/tiny-v0", *SHORT], tmp_path, root, monkeypatch, capsys)
+    assert code == 0, err
     folder = tmp_path / "runs" / "mujoco_halfcheetah_tiny-v0__seed0"
     results = json.loads((folder / "results.json").read_text())
     config = json.loads((folder / "config.json").read_text())
@@ -43,9 +50,10 @@ def test_a_dataset_by_id_end_to_end(tmp_path):
         ret, score = results[f"{which}_return"], results[f"{which}_normalized_score"]
         assert math.isfinite(score) and score == pytest.approx(100 * (ret + 300.0) / 1500.0)
     # resume and the seed table work on an id with slashes
-    more = run(["--dataset=mujoco/halfcheetah/tiny-v0", *SHORT, "--max-steps=90", "--resume"], tmp_path, root)
-    assert more.returncode == 0 and "resuming" in more.stdout, more.stderr
-    table = run([f"--summarize={tmp_path / 'runs'}"], tmp_path, root)
+    code, out, err = run_here(bear, ["--dataset=mujoco/halfcheetah/tiny-v0", *SHORT, "--max-steps=90", "--resume"],
+                              tmp_path, root, monkeypatch, capsys)
+    assert code == 0 and "resuming" in out, err
+    table = run([f"--summarize={tmp_path / 'runs'}"], tmp_path, root)  # and the real command line
     assert table.returncode == 0 and "| mujoco/halfcheetah/tiny-v0 | 1 | 90 |" in table.stdout
     assert "Minari data: not comparable with D4RL tables" in table.stdout
     assert (tmp_path / "runs" / "summary_mujoco_halfcheetah_tiny-v0.png").stat().st_size > 1000
@@ -90,22 +98,22 @@ def test_missing_and_bad_data_are_one_line_and_change_nothing(tmp_path):
     assert snapshot(root) == before and not (tmp_path / "runs").exists()
 
 
-def test_without_reference_scores_raw_returns_and_no_normalised_score(tmp_path):
+def test_without_reference_scores_raw_returns_and_no_normalised_score(bear, tmp_path, monkeypatch, capsys):
     root = tmp_path / "minari"
     write_minari_dataset(root, "test/hopper/noref-v0", "Hopper-v5", [(40, "term"), (30, "term")], ref=None)
-    out = run(["--dataset=test/hopper/noref-v0", *SHORT], tmp_path, root)
-    assert out.returncode == 0, out.stderr
+    code, _, err = run_here(bear, ["--dataset=test/hopper/noref-v0", *SHORT], tmp_path, root, monkeypatch, capsys)
+    assert code == 0, err
     folder = tmp_path / "runs" / "test_hopper_noref-v0__seed0"
     results = json.loads((folder / "results.json").read_text())
     assert results["final_normalized_score"] is None and results["best_normalized_score"] is None
     assert math.isfinite(results["final_return"]) and math.isfinite(results["best_return"])
     rows = (folder / "metrics.csv").read_text().splitlines()
     assert rows[-1].endswith(",") and rows[-1].split(",")[-2] != ""  # a return, no normalised score
-    table = run([f"--summarize={tmp_path / 'runs'}"], tmp_path, root)
-    assert "RAW RETURNS" in table.stdout
+    code, table, _ = run_here(bear, [f"--summarize={tmp_path / 'runs'}"], tmp_path, root, monkeypatch, capsys)
+    assert code == 0 and "RAW RETURNS" in table
 
 
-def test_dictionary_observations_are_flattened_alike_in_data_and_evaluation(bear, tmp_path, monkeypatch):
+def test_dictionary_observations_are_flattened_alike_in_data_and_evaluation(bear, tmp_path, monkeypatch, capsys):
     root = tmp_path / "minari"
     write_minari_dataset(root, "test/pointmaze/dict-v0", "PointMaze_UMaze-v3", [(30, "trunc"), (25, "term")])
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
@@ -117,8 +125,8 @@ def test_dictionary_observations_are_flattened_alike_in_data_and_evaluation(bear
     flat = loaded.target.observe(obs)
     expected = np.concatenate([obs["achieved_goal"], obs["desired_goal"], obs["observation"]]).astype(np.float32)
     np.testing.assert_array_equal(flat, expected)
-    out = run(["--dataset=test/pointmaze/dict-v0", *SHORT], tmp_path, root)
-    assert out.returncode == 0, out.stderr
+    code, _, err = run_here(bear, ["--dataset=test/pointmaze/dict-v0", *SHORT], tmp_path, root, monkeypatch, capsys)
+    assert code == 0, err
     results = json.loads((tmp_path / "runs" / "test_pointmaze_dict-v0__seed0" / "results.json").read_text())
     assert results["env_id"] == "PointMaze_UMaze-v3" and math.isfinite(results["final_return"])
 

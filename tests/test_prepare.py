@@ -16,7 +16,8 @@ from conftest import SCRIPT, write_d4rl_file
 from test_download import Server
 
 TRAIN = ["--gpu=-1", "--max-steps=20", "--warmup-steps=10", "--eval-every=20", "--eval-episodes=1", "--log-every=10",
-         "--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=32", "--batch-size=32", "--eval-candidates=4"]
+         "--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=32", "--batch-size=32", "--eval-candidates=4",
+         "--eval-workers=0"]  # evaluation in the training process (the pool's own log is in the umask test)
 
 
 def env_for(cache, **extra):
@@ -225,8 +226,8 @@ def test_a_signal_during_a_download_keeps_the_part_for_the_next_run(tmp_path, si
 def test_every_file_gets_the_mode_of_the_umask(tmp_path, umask):
     cache = tmp_path / "cache"
     out = subprocess.run([sys.executable, str(SCRIPT), "--dataset=hopper-random-v2", "--offline", "--regen-steps=3000",
-                          *TRAIN], cwd=tmp_path, env=env_for(cache), capture_output=True, text=True, timeout=300,
-                         preexec_fn=lambda: os.umask(umask))
+                          *TRAIN, "--eval-workers=1"], cwd=tmp_path, env=env_for(cache), capture_output=True, text=True,
+                         timeout=300, preexec_fn=lambda: os.umask(umask))
     assert out.returncode == 0, out.stderr
     out = subprocess.run([sys.executable, str(SCRIPT), f"--summarize={tmp_path / 'runs'}"], cwd=tmp_path,
                          env=env_for(cache), capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(umask))
@@ -234,7 +235,7 @@ def test_every_file_gets_the_mode_of_the_umask(tmp_path, umask):
     files = [p for p in [*cache.rglob("*"), *(tmp_path / "runs").rglob("*")] if p.is_file()]
     names = {p.name.split(".")[0] for p in files}
     assert {"bear-regenerated_hopper_random-v2_Hopper-v4_3000steps", "config", "metrics", "results", "curves",
-            "events", "summary", "summary_hopper-random-v2"} <= names and any(p.suffix == ".pt" for p in files)
+            "events", "summary", "summary_hopper-random-v2", "eval-workers", "policy-final"} <= names and any(p.suffix == ".pt" for p in files)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 

@@ -1,4 +1,5 @@
-"""What a run shows: TensorBoard events, the curves PNG, and --summarize seed tables across runs."""
+"""What a run shows: TensorBoard events, the curves PNG, and --summarize seed tables across runs. The two runs train
+once, in this process, for the whole module; only the exit codes are taken from bear-train.py's own process."""
 import json
 import shutil
 import subprocess
@@ -6,11 +7,11 @@ import sys
 
 import pytest
 
-from conftest import SCRIPT, write_d4rl_file
+from conftest import SCRIPT, run_main, write_d4rl_file
 
 SMALL = ["--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=64", "--batch-size=64", "--warmup-steps=20",
          "--log-every=20", "--eval-episodes=2", "--eval-candidates=10", "--gpu=-1", "--max-steps=80",
-         "--eval-every=40"]
+         "--eval-every=40", "--eval-workers=0"]  # evaluation in the training process: the pool is test_evalpool's
 
 
 def run(*args, cwd):
@@ -18,12 +19,18 @@ def run(*args, cwd):
 
 
 @pytest.fixture(scope="module")
-def two_seeds(tmp_path_factory):
+def two_seeds(bear, tmp_path_factory):
+    import torch
+
     root = tmp_path_factory.mktemp("results")
     write_d4rl_file(root / "hopper_tiny.hdf5", n=1000, obs_dim=11, act_dim=3)
-    for seed in (0, 1):
-        out = run(f"--dataset={root / 'hopper_tiny.hdf5'}", f"--seed={seed}", "--log-dir=runs", *SMALL, cwd=root)
-        assert out.returncode == 0, out.stderr
+    threads = torch.get_num_threads()
+    try:
+        for seed in (0, 1):
+            assert bear.main([f"--dataset={root / 'hopper_tiny.hdf5'}", f"--seed={seed}", f"--log-dir={root / 'runs'}",
+                              *SMALL]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return root
 
 
@@ -89,14 +96,14 @@ def torch_tensor(x):
     return torch.as_tensor(x)
 
 
-def test_summarize_gives_mean_and_std_over_seeds_and_marks_unfinished_and_regenerated(two_seeds):
+def test_summarize_gives_mean_and_std_over_seeds_and_marks_unfinished_and_regenerated(bear, two_seeds, capsys):
     runs = two_seeds / "runs"
-    out = run(f"--summarize={runs}", cwd=two_seeds)
-    assert out.returncode == 0, out.stderr
+    code, out, err = run_main(bear, [f"--summarize={runs}"], capsys)
+    assert code == 0, err
     finals = [json.loads((runs / f"hopper_tiny__seed{s}" / "results.json").read_text())["final_normalized_score"]
               for s in (0, 1)]
     mean, std = sum(finals) / 2, abs(finals[0] - finals[1]) / 2  # numpy's std (ddof 0) of two numbers
-    row = next(line for line in out.stdout.splitlines() if line.startswith("| hopper_tiny |"))
+    row = next(line for line in out.splitlines() if line.startswith("| hopper_tiny |"))
     assert f"| 2 | 80 | {mean:.1f} ± {std:.1f} |" in row
     assert (runs / "summary.md").read_text().startswith("| dataset |")
     assert (runs / "summary_hopper_tiny.png").read_bytes().startswith(b"\x89PNG")
@@ -107,9 +114,9 @@ def test_summarize_gives_mean_and_std_over_seeds_and_marks_unfinished_and_regene
     (copy / "results.json").unlink()
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps(config | {"seed": 2, "dataset_source": "regenerated"}))
-    out = run(f"--summarize={runs}", cwd=two_seeds)
-    row = next(line for line in out.stdout.splitlines() if line.startswith("| hopper_tiny |"))
-    assert "| 3 |" in row and "1 unfinished" in row and "REGENERATED" in row
+    code, out, err = run_main(bear, [f"--summarize={runs}"], capsys)
+    row = next(line for line in out.splitlines() if line.startswith("| hopper_tiny |"))
+    assert code == 0 and "| 3 |" in row and "1 unfinished" in row and "REGENERATED" in row
 
 
 def test_summarize_of_an_empty_folder_is_a_one_line_error(tmp_path):
@@ -128,16 +135,16 @@ def test_wandb_flag_without_the_package_is_a_one_line_error(tmp_path):
     assert out.returncode == 2 and "pip install wandb" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def test_summarize_skips_a_run_that_has_not_trained_yet_with_a_note(two_seeds, tmp_path):
+def test_summarize_skips_a_run_that_has_not_trained_yet_with_a_note(bear, two_seeds, tmp_path, capsys):
     runs = tmp_path / "runs"
     shutil.copytree(two_seeds / "runs" / "hopper_tiny__seed0", runs / "hopper_tiny__seed0")
     (runs / "hopper_tiny__seed1").mkdir()  # started, stopped before its first row: config.json, no metrics.csv
     shutil.copy(two_seeds / "runs" / "hopper_tiny__seed1" / "config.json", runs / "hopper_tiny__seed1")
-    out = run(f"--summarize={runs}", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert "| hopper_tiny | 1 | 80 |" in out.stdout
-    assert out.stderr.strip().splitlines() == [f"skipped {runs / 'hopper_tiny__seed1'} (no metrics.csv: it has not "
+    code, out, err = run_main(bear, [f"--summarize={runs}"], capsys)
+    assert code == 0, err
+    assert "| hopper_tiny | 1 | 80 |" in out
+    assert err.strip().splitlines() == [f"skipped {runs / 'hopper_tiny__seed1'} (no metrics.csv: it has not "
                                                "trained yet, or is not a run folder)"]
     shutil.rmtree(runs / "hopper_tiny__seed0")
-    out = run(f"--summarize={runs}", cwd=tmp_path)
+    out = run(f"--summarize={runs}", cwd=tmp_path)  # the real command's exit code and stderr
     assert out.returncode == 2 and "no runs with an evaluation" in out.stderr and "Traceback" not in out.stderr

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SCRIPT, write_d4rl_file
+from conftest import SCRIPT, run_main, write_d4rl_file
 
 SMALL = ["--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=64", "--batch-size=64", "--warmup-steps=100",
          "--log-every=25", "--eval-episodes=1", "--eval-candidates=10", "--gpu=-1",
@@ -158,27 +158,28 @@ def test_same_seed_same_metrics_other_seed_differs(dataset, reference, tmp_path)
     assert first.split(",")[0] == other.split(",")[0] == "25" and first != other
 
 
-def test_resume_without_checkpoint_starts_fresh_and_resume_refuses_other_settings(dataset, tmp_path):
-    out = run(command(dataset, tmp_path, "--resume", steps=50, every=50))
-    assert out.returncode == 0, out.stderr
-    assert "resuming" not in out.stdout
-    out = run(command(dataset, tmp_path, "--resume", "--batch-size=32", steps=50, every=50))
-    assert out.returncode == 2 and "was started with --batch-size=64" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+def test_resume_without_checkpoint_starts_fresh_and_resume_refuses_other_settings(bear, dataset, tmp_path, capsys):
+    code, out, err = run_main(bear, command(dataset, tmp_path, "--resume", steps=50, every=50)[2:], capsys)
+    assert code == 0, err
+    assert "resuming" not in out
+    code, _, err = run_main(bear, command(dataset, tmp_path, "--resume", "--batch-size=32", steps=50, every=50)[2:],
+                            capsys)
+    assert code == 2 and "was started with --batch-size=64" in err
+    assert len(err.strip().splitlines()) == 1
 
 
-def test_non_finite_loss_stops_naming_term_and_step_and_keeps_the_checkpoint(tmp_path):
+def test_non_finite_loss_stops_naming_term_and_step_and_keeps_the_checkpoint(bear, tmp_path, capsys):
     path = tmp_path / "walker2d_poison.hdf5"
     write_d4rl_file(path, n=500)
-    out = run(command(path, tmp_path / "runs", steps=50, every=50))
-    assert out.returncode == 0, out.stderr
+    code, _, err = run_main(bear, command(path, tmp_path / "runs", steps=50, every=50)[2:], capsys)
+    assert code == 0, err
     folder = tmp_path / "runs" / "walker2d_poison__seed0"
     ckpt = folder / "checkpoint-000000050.pt"
     before = ckpt.read_bytes()
     write_d4rl_file(path, n=500, rewards=np.full(500, 1e38, np.float32))  # (Q - y)^2 overflows float32
-    out = run(command(path, tmp_path / "runs", "--resume", steps=100, every=50))
-    assert out.returncode == 1
-    assert "critic_loss became non-finite at step 51" in out.stderr and "Traceback" not in out.stderr
+    code, _, err = run_main(bear, command(path, tmp_path / "runs", "--resume", steps=100, every=50)[2:], capsys)
+    assert code == 1
+    assert "critic_loss became non-finite at step 51" in err and "Traceback" not in err
     assert ckpt.read_bytes() == before
     assert sorted(p.name for p in folder.glob("checkpoint-*.pt")) == [ckpt.name]
     assert json.loads((folder / "results.json").read_text())["steps"] == 50  # the finished 50-step run's, untouched
