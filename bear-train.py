@@ -2249,7 +2249,7 @@ def plot_curves(rows: list[dict], path: Path, title: str, bound: float | None = 
         ax.set_xlabel("gradient steps")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.035, right=0.99, bottom=0.15, top=0.82, wspace=0.25)  # fixed: tight_layout took 0.4 s
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
     plt.close(fig)
 
