@@ -1680,9 +1680,10 @@ class Run:
         score = normalized_score(ret, self.target.score_range)
         best = max((s if score is not None else r for _, r, s in self.state["evals"]), default=-math.inf)
         self.state["evals"].append((step, ret, score))
-        self.policies.write("final", snapshot, step, ret, score)
+        program = self.policies.exported(snapshot)  # once for both files
+        self.policies.write("final", snapshot, step, ret, score, program)
         if (score if score is not None else ret) > best:  # the first of equal bests is kept, as max() takes it
-            self.policies.write("best", snapshot, step, ret, score)
+            self.policies.write("best", snapshot, step, ret, score, program)
         values |= {"eval_return": ret} | ({"eval_normalized_score": score} if score is not None else {})
         shown = f"normalised score {score:6.1f}" if score is not None else "(no reference scores)"
         self.tqdm.write(f"step {step:>8}  return {ret:8.1f}  {shown}  alpha {values['alpha']:.3g}"
@@ -2281,10 +2282,10 @@ class PolicyFiles:
                                    "eval_candidates": cfg.eval_candidates, "eval_episodes": cfg.eval_episodes,
                                    "precision": cfg.precision, "seed": cfg.seed}}
 
-    def write(self, which: str, snapshot: dict, step: int, ret: float, score: float | None) -> None:
+    def write(self, which: str, snapshot: dict, step: int, ret: float, score: float | None, program: bytes) -> None:
+        """policy-{which}.pt; program: exported(snapshot)."""
         content = self.about | {"policy": which, "step": step, "return": ret, "normalized_score": score,
-                                "actor": snapshot["actor"], "critics": snapshot["critics"],
-                                "program": self.exported(snapshot)}
+                                "actor": snapshot["actor"], "critics": snapshot["critics"], "program": program}
         atomic_write(self.run_dir / f"policy-{which}.pt", lambda f: torch.save(content, f))
 
     def exported(self, snapshot: dict) -> bytes:

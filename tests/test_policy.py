@@ -259,7 +259,8 @@ def test_best_is_the_first_of_equal_bests_and_final_is_every_evaluation(bear):
 
     written = []
     run = SimpleNamespace(state={"evals": []}, target=bear.EvalTarget("Walker2d-v4", (0.0, 100.0)),
-                          policies=SimpleNamespace(write=lambda which, snap, step, ret, score: written.append((which, step))),
+                          policies=SimpleNamespace(exported=lambda snap: b"",
+                                                    write=lambda which, snap, step, ret, score, program: written.append((which, step))),
                           tqdm=SimpleNamespace(write=lambda line: None), bar=SimpleNamespace(set_postfix=lambda **k: None))
     values = {"alpha": 1.0, "mmd": 0.1, "critic_loss": 1.0}
     for step, ret in ((1, 5.0), (2, 7.0), (3, 7.0), (4, 6.0), (5, 8.0)):
