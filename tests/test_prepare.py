@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import SCRIPT, write_d4rl_file
+from conftest import SCRIPT, run_main, write_d4rl_file
 from test_download import Server
 
 TRAIN = ["--gpu=-1", "--max-steps=20", "--warmup-steps=10", "--eval-every=20", "--eval-episodes=1", "--log-every=10",
@@ -106,24 +106,33 @@ def test_the_recipe_is_pinned_by_a_digest(bear, tmp_path):
         "the regeneration recipe changed: bump REGEN_RECIPE and pin the new digest together"
 
 
-def test_every_usable_core_by_default_and_a_cap(tmp_path):
-    cores = len(os.sched_getaffinity(0))
-    out = subprocess.run([sys.executable, str(SCRIPT), "--dataset=hopper-random-v2", "--offline", "--regen-steps=3000",
-                          *TRAIN], cwd=tmp_path, env=env_for(tmp_path / "a"), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert f"in 3 chunks on {min(cores, 3)} worker(s)" in out.stdout
-    out = subprocess.run([sys.executable, str(SCRIPT), "--dataset=hopper-random-v2", "--offline", "--regen-steps=3000",
-                          *TRAIN], cwd=tmp_path, env=env_for(tmp_path / "b"), capture_output=True, text=True, timeout=300,
-                         preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
-    assert out.returncode == 0, out.stderr
-    assert "in 3 chunks on 1 worker(s)" in out.stdout  # the affinity, not the machine's core count
-    out = subprocess.run([sys.executable, str(SCRIPT), "--dataset=hopper-random-v2", "--offline", "--regen-steps=3000",
-                          "--regen-workers=1", *TRAIN], cwd=tmp_path, env=env_for(tmp_path / "c"), capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0 and "on 1 worker(s)" in out.stdout
+def test_every_usable_core_by_default_and_a_cap(bear, tmp_path, monkeypatch, capsys):
+    """In this process (main): the worker count is what is checked, not the process boundary; this process's own
+    affinity is narrowed for the second run and put back."""
+    cores = os.sched_getaffinity(0)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BEAR_D4RL_BASE_URL", "http://127.0.0.1:9/offline_rl")
+    args = ["--dataset=hopper-random-v2", "--offline", "--regen-steps=3000", *TRAIN]
+
+    def run(cache, *extra):
+        monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / cache))
+        code, out, err = run_main(bear, [*args, *extra], capsys)
+        assert code == 0, err
+        return out, err
+
+    out, _ = run("a")
+    assert f"in 3 chunks on {min(len(cores), 3)} worker(s)" in out
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        out, _ = run("b")
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert "in 3 chunks on 1 worker(s)" in out  # the affinity, not the machine's core count
+    out, err = run("c", "--regen-workers=1")
+    assert "on 1 worker(s)" in out
     # the progress bar counts environment steps
-    assert "regenerating bear-regenerated_hopper_random-v2_Hopper-v4_3000steps.hdf5" in out.stderr
-    assert "3.00k/3.00k" in out.stderr and "step/s" in out.stderr
+    assert "regenerating bear-regenerated_hopper_random-v2_Hopper-v4_3000steps.hdf5" in err
+    assert "3.00k/3.00k" in err and "step/s" in err
 
 
 # ---------------------------------------------------------------------------------------------- signals
