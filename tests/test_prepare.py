@@ -305,27 +305,31 @@ def test_the_lock_waits_for_its_holder_and_a_killed_holder_never_blocks(bear, tm
 
 
 # ---------------------------------------------------------------------------------------------- offline
-def test_offline_never_touches_the_network(tmp_path, monkeypatch):
+def test_offline_never_touches_the_network(bear, tmp_path, monkeypatch, capsys):
+    """In this process (main): what is checked is which requests reach the server, not the process boundary."""
     server = Server()
     cache = tmp_path / "cache"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(cache))
+    monkeypatch.setenv("BEAR_D4RL_BASE_URL", server.url)
     try:
-        def run(args, **extra):
-            return subprocess.run([sys.executable, str(SCRIPT), *args, *TRAIN], cwd=tmp_path, capture_output=True,
-                                  text=True, timeout=300, env=dict(env_for(cache), BEAR_D4RL_BASE_URL=server.url, **extra))
+        def run(args, offline_env=""):
+            monkeypatch.setenv("BEAR_OFFLINE", offline_env)
+            return run_main(bear, [*args, *TRAIN], capsys)
 
-        out = run(["--dataset=hopper-medium-v2", "--offline"])
-        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
-        assert f"place it at {cache / 'hopper_medium-v2.hdf5'}" in out.stderr and "offline" in out.stderr
-        out = run(["--dataset=hopper-random-v2", "--regen-steps=3000"], BEAR_OFFLINE="1")
-        assert out.returncode == 0, out.stderr
-        assert "regenerating 3000 random steps" in out.stdout
+        code, _, err = run(["--dataset=hopper-medium-v2", "--offline"])
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert f"place it at {cache / 'hopper_medium-v2.hdf5'}" in err and "offline" in err
+        code, out, err = run(["--dataset=hopper-random-v2", "--regen-steps=3000"], offline_env="1")
+        assert code == 0, err
+        assert "regenerating 3000 random steps" in out
         write_d4rl_file(cache / "walker2d_random-v2.hdf5", n=500)
-        out = run(["--dataset=walker2d-random-v2", "--offline"])
-        assert out.returncode == 0, out.stderr
+        code, _, err = run(["--dataset=walker2d-random-v2", "--offline"])
+        assert code == 0, err
         assert json.loads((tmp_path / "runs" / "walker2d-random-v2__seed0" / "results.json").read_text())["dataset_source"] == "cache"
         assert server.requests == []
         # without --offline a missing file is asked for, as before
-        out = run(["--dataset=hopper-medium-v2"])
-        assert out.returncode == 2 and server.requests == [("/offline_rl/gym_mujoco_v2/hopper_medium-v2.hdf5", None)]
+        code, _, _ = run(["--dataset=hopper-medium-v2"])
+        assert code == 2 and server.requests == [("/offline_rl/gym_mujoco_v2/hopper_medium-v2.hdf5", None)]
     finally:
         server.httpd.shutdown()
