@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SCRIPT, write_d4rl_file
+from conftest import SCRIPT, run_main, write_d4rl_file
 
 SMALL = ["--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=64", "--batch-size=64", "--warmup-steps=100",
          "--log-every=25", "--eval-episodes=1", "--eval-candidates=10", "--gpu=-1"]
@@ -95,7 +95,7 @@ def training_pid(log_dir, seed):
     return None
 
 
-def test_a_killed_run_is_retried_and_ends_as_if_never_killed(ray_address, data, tmp_path):
+def test_a_killed_run_is_retried_and_ends_as_if_never_killed(bear, ray_address, data, tmp_path, capsys):
     log_dir = tmp_path / "sweep"
     dataset = data / "walker2d_a.hdf5"
     proc = subprocess.Popen(sweep_command(ray_address, log_dir, [dataset], "0,1", 400), stdout=subprocess.PIPE,
@@ -110,10 +110,10 @@ def test_a_killed_run_is_retried_and_ends_as_if_never_killed(ray_address, data, 
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out + err
     assert "walker2d_a__seed1 ended with signal SIGKILL; retry 1 of 3" in out
-    alone = tmp_path / "alone"
-    single = run([sys.executable, str(SCRIPT), f"--dataset={dataset}", "--seed=1", f"--log-dir={alone}",
-                  "--max-steps=400", "--eval-every=100", "--checkpoint-every=100", "--threads=1", *SMALL])
-    assert single.returncode == 0, single.stderr
+    alone = tmp_path / "alone"  # the same run uninterrupted, in the test's process
+    code, _, err = run_main(bear, [f"--dataset={dataset}", "--seed=1", f"--log-dir={alone}", "--max-steps=400",
+                                   "--eval-every=100", "--checkpoint-every=100", "--threads=1", *SMALL], capsys)
+    assert code == 0, err
     a, b = log_dir / "walker2d_a__seed1", alone / "walker2d_a__seed1"
     assert (a / "metrics.csv").read_bytes() == (b / "metrics.csv").read_bytes()
     state_a = torch.load(sorted(a.glob("checkpoint-*.pt"))[-1], weights_only=False)["agent"]
