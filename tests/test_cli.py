@@ -8,15 +8,16 @@ import sys
 
 import pytest
 
+import launch
 from conftest import SCRIPT, TINY_NETS, run_main, write_d4rl_file
 
 SHORT = ["--max-steps=30", "--warmup-steps=10", "--eval-every=15", "--eval-episodes=2"]  # the default networks
 
 
-def run(args, cwd, cache, timeout=600):
+def run(args, cwd, cache, timeout=600, launcher=launch):
     env = dict(os.environ, D4RL_DATASET_DIR=str(cache), BEAR_D4RL_BASE_URL="http://127.0.0.1:9/offline_rl")
     # port 9 (discard) refuses connections here: any download attempt fails at once, nothing leaves the machine
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return launcher.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -31,7 +32,7 @@ def test_reference_command_on_a_cached_file(bear, tmp_path, monkeypatch, capsys)
     before = digest(cached)
     # six evaluations, on one thread so that they are the same everywhere: their best is not their last
     out = run(["--dataset=walker2d-random-v2", "--seed=0", "--gpu=0", *SHORT, "--eval-every=5", "--threads=1"],
-              tmp_path, cache)
+              tmp_path, cache, launcher=subprocess)  # the real command line, start-up included
     assert out.returncode == 0, out.stderr
     assert digest(cached) == before  # the cached file is read, never touched
     run_dir = tmp_path / "runs" / "walker2d-random-v2__seed0"

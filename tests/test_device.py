@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import launch
 from conftest import SCRIPT, run_main, write_d4rl_file
 
 TINY = ["--actor-hidden=16", "--critic-hidden=16", "--vae-hidden=16", "--batch-size=16", "--warmup-steps=10",
@@ -197,7 +198,7 @@ def test_an_unexpected_error_gets_its_own_exit_code_one_line_and_its_traceback_i
 
 # ---------------------------------------------------------------------------------------------- one process per run
 def start(args, **kwargs):
-    return subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return launch.Popen([sys.executable, str(SCRIPT), *args], stdout=launch.PIPE, stderr=launch.PIPE,
                             text=True, **kwargs)
 
 
@@ -212,7 +213,7 @@ def test_a_second_process_on_a_run_folder_stops_naming_the_holder_and_a_killed_h
     while not (folder / "checkpoint-000000050.pt").exists():
         assert first.poll() is None and time.time() < deadline, first.communicate()
         time.sleep(0.05)
-    second = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    second = launch.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
     assert second.returncode == 2
     assert second.stderr.strip().splitlines() == [
         f"bear-train.py: error: {folder} is in use: process {first.pid} is training {folder}; wait for it to end, "
@@ -221,7 +222,7 @@ def test_a_second_process_on_a_run_folder_stops_naming_the_holder_and_a_killed_h
     first.kill()  # SIGKILL: its lock file stays, its flock goes with it
     first.wait()
     assert (folder / ".lock").exists()
-    third = subprocess.run([sys.executable, str(SCRIPT), *args[:2], "--max-steps=100", *args[3:]], capture_output=True,
+    third = launch.run([sys.executable, str(SCRIPT), *args[:2], "--max-steps=100", *args[3:]], capture_output=True,
                            text=True, timeout=300)
     assert third.returncode == 0, third.stderr
     assert "resuming" in third.stdout

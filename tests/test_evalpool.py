@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import launch
 from conftest import SCRIPT, write_d4rl_file
 from test_prepare import alive, children
 
@@ -57,7 +58,7 @@ def command(script, dataset, log_dir, *extra, steps=60, every=10):
 
 
 def run(cmd, timeout=600):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return launch.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
 def folder(log_dir):
@@ -193,7 +194,7 @@ def wait_for(path, proc, timeout=300):
 def test_sigkill_with_evaluations_in_flight_then_resume_ends_as_an_uninterrupted_run(dataset, in_process, tmp_path):
     script = patched(tmp_path, "time.sleep(0.7)")
     cmd = command(script, dataset, tmp_path / "runs", "--eval-workers=1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = launch.Popen(cmd, stdout=launch.DEVNULL, stderr=launch.DEVNULL)
     wait_for(folder(tmp_path / "runs") / "checkpoint-000000020.pt", proc)
     workers = descendants(proc.pid)
     proc.kill()
@@ -218,7 +219,7 @@ if step == 20:
 time.sleep(30 if step >= 20 else 0)
 """)
     cmd = command(script, dataset, tmp_path / "runs", "--eval-workers=1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = launch.Popen(cmd, stdout=launch.PIPE, stderr=launch.PIPE, text=True, start_new_session=True)
     wait_for(started, proc)
     time.sleep(0.5)
     workers = descendants(proc.pid)

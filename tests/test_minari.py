@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+import launch
 from conftest import SCRIPT, run_main, write_minari_dataset
 
 SHORT = ["--max-steps=60", "--warmup-steps=30", "--eval-every=30", "--eval-episodes=2", "--log-every=30",
@@ -19,7 +20,7 @@ SHORT = ["--max-steps=60", "--warmup-steps=30", "--eval-every=30", "--eval-episo
 
 def run(args, cwd, root, **extra):
     env = dict(os.environ, MINARI_DATASETS_PATH=str(root), HF_HUB_OFFLINE="1", **extra)
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return launch.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import launch
 from conftest import write_d4rl_file
 
 TINY = ["--actor-hidden=16", "--critic-hidden=16", "--vae-hidden=16", "--batch-size=32", "--warmup-steps=100",
@@ -244,7 +245,7 @@ def test_video_without_a_working_gl_backend_is_one_line_naming_mujoco_gl_and_exi
     from conftest import SCRIPT
 
     env = {k: v for k, v in os.environ.items() if k != "PYOPENGL_PLATFORM"} | {"MUJOCO_GL": "osmesa"}  # no libosmesa6
-    out = subprocess.run([sys.executable, str(SCRIPT), f"--evaluate={run}", "--eval-episodes=2", "--video"],
+    out = launch.run([sys.executable, str(SCRIPT), f"--evaluate={run}", "--eval-episodes=2", "--video"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 2, out.stderr
     line = one_line(out.stderr)

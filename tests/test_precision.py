@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import launch
 from conftest import SCRIPT, random_transitions, write_d4rl_file
 
 TINY = ["--actor-hidden=16", "--critic-hidden=16", "--vae-hidden=16", "--batch-size=16", "--warmup-steps=10",
@@ -116,7 +117,7 @@ def test_bf16_evaluates_in_bf16_too(bear):
 
 
 def run(args, cwd):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return launch.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 def test_a_bf16_run_says_what_the_hardware_lacks_and_a_resume_keeps_its_precision(bear, tmp_path):

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
+import launch
 from conftest import SCRIPT, run_main, write_d4rl_file
 from test_download import Server
 
@@ -26,8 +27,8 @@ def env_for(cache, **extra):
 
 
 def start(args, cache, cwd, **popen):
-    return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env_for(cache), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    return launch.Popen([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env_for(cache), text=True,
+                            stdout=launch.PIPE, stderr=launch.PIPE, **popen)
 
 
 def children(pid):
@@ -175,7 +176,7 @@ def test_the_same_command_after_an_interrupt_works(tmp_path):
     time.sleep(1)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 130
-    out = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env_for(cache), capture_output=True,
+    out = launch.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env_for(cache), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert sorted(p.name for p in cache.iterdir()) == ["bear-regenerated_hopper_random-v2_Hopper-v4_60000steps.hdf5"]
@@ -208,9 +209,9 @@ def test_a_signal_during_a_download_keeps_the_part_for_the_next_run(tmp_path, si
     server = StallingServer(src.read_bytes())
     cache = tmp_path / "cache"
     try:
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), "--dataset=walker2d-medium-v2", *TRAIN], cwd=tmp_path,
+        proc = launch.Popen([sys.executable, str(SCRIPT), "--dataset=walker2d-medium-v2", *TRAIN], cwd=tmp_path,
                                 env=dict(env_for(cache), BEAR_D4RL_BASE_URL=server.url), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=launch.PIPE, stderr=launch.PIPE)
         part = cache / "walker2d_medium-v2.hdf5.part"
         deadline = time.time() + 120
         while not (part.exists() and part.stat().st_size > 0):
@@ -234,12 +235,12 @@ def test_a_signal_during_a_download_keeps_the_part_for_the_next_run(tmp_path, si
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_every_file_gets_the_mode_of_the_umask(tmp_path, umask):
     cache = tmp_path / "cache"
-    out = subprocess.run([sys.executable, str(SCRIPT), "--dataset=hopper-random-v2", "--offline", "--regen-steps=3000",
+    out = launch.run([sys.executable, str(SCRIPT), "--dataset=hopper-random-v2", "--offline", "--regen-steps=3000",
                           *TRAIN, "--eval-workers=1"], cwd=tmp_path, env=env_for(cache), capture_output=True, text=True,
-                         timeout=300, preexec_fn=lambda: os.umask(umask))
+                         timeout=300, umask=umask)
     assert out.returncode == 0, out.stderr
-    out = subprocess.run([sys.executable, str(SCRIPT), f"--summarize={tmp_path / 'runs'}"], cwd=tmp_path,
-                         env=env_for(cache), capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(umask))
+    out = launch.run([sys.executable, str(SCRIPT), f"--summarize={tmp_path / 'runs'}"], cwd=tmp_path,
+                         env=env_for(cache), capture_output=True, text=True, timeout=300, umask=umask)
     assert out.returncode == 0, out.stderr
     files = [p for p in [*cache.rglob("*"), *(tmp_path / "runs").rglob("*")] if p.is_file()]
     names = {p.name.split(".")[0] for p in files}
@@ -277,7 +278,7 @@ with m.dataset_lock(Path(sys.argv[2])):
 
 
 def hold_lock(path, seconds):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(SCRIPT), str(path), str(seconds)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(SCRIPT), str(path), str(seconds)], stdout=launch.PIPE,
                             text=True)
     assert proc.stdout.readline() == "locked\n"
     return proc

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import launch
 from conftest import SCRIPT, run_main, write_d4rl_file
 
 SMALL = ["--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=64", "--batch-size=64", "--warmup-steps=20",
@@ -15,7 +16,7 @@ SMALL = ["--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=64", "--batch-
 
 
 def run(*args, cwd):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return launch.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import launch
 from conftest import SCRIPT, run_main, write_d4rl_file
 
 SMALL = ["--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=64", "--batch-size=64", "--warmup-steps=100",
@@ -32,7 +33,7 @@ def command(dataset, log_dir, *extra, steps=400, every=100, seed=0):
 
 
 def run(cmd):
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = launch.run(cmd, capture_output=True, text=True, timeout=600)
     return out
 
 
@@ -78,7 +79,7 @@ def reference(dataset, tmp_path_factory):
 
 def test_sigkill_then_resume_is_bitwise_identical(dataset, reference, tmp_path):
     cmd = command(dataset, tmp_path)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = launch.Popen(cmd, stdout=launch.DEVNULL, stderr=launch.DEVNULL)
     wait_for(run_dir(tmp_path) / "checkpoint-000000200.pt", proc)
     time.sleep(0.3)  # somewhere between two evaluations, possibly mid-write of metrics or a checkpoint
     proc.send_signal(signal.SIGKILL)
@@ -105,7 +106,7 @@ def test_sigkill_then_resume_is_bitwise_identical(dataset, reference, tmp_path):
 
 def test_sigterm_saves_exits_75_and_resumes_exactly(dataset, reference, tmp_path):
     cmd = command(dataset, tmp_path)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = launch.Popen(cmd, stdout=launch.PIPE, stderr=launch.PIPE, text=True)
     wait_for(run_dir(tmp_path) / "checkpoint-000000100.pt", proc)
     time.sleep(0.2)
     before = {p.name: p.stat().st_mtime_ns for p in run_dir(tmp_path).glob("checkpoint-*.pt")}
