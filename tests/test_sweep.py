@@ -1,5 +1,6 @@
-"""Datasets x seeds as a sweep on Ray: a small sweep, a run killed and retried, a stopped driver continued, a bad
-pair, and single runs that never import Ray. The sweeps share one Ray instance started for this module (the
+"""Datasets x seeds as a sweep on Ray: a run killed and retried, a stopped driver continued to four runs and the
+table, a second driver refused while each run trains on the GPU Ray gives it, a run that crashes, a bad pair, and
+single runs that never import Ray. The sweeps share one Ray instance started for this module (the
 `--ray-address` path; a sweep without it starts a local instance of its own)."""
 import json
 import os
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SCRIPT, run_main, write_d4rl_file
+import launch
+from conftest import SCRIPT, TINY_NETS, run_main, write_d4rl_file
 
 SMALL = ["--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=64", "--batch-size=64", "--warmup-steps=100",
          "--log-every=25", "--eval-episodes=1", "--eval-candidates=10", "--gpu=-1"]
@@ -66,21 +68,6 @@ def folders(log_dir):
     return sorted(p.name for p in log_dir.iterdir() if p.is_dir() and p.name != "sweep-logs")
 
 
-def test_a_small_sweep_gives_four_runs_and_the_table(ray_address, data, tmp_path):
-    out = run(sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5", data / "hopper_b.hdf5"], "0-1"))
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert folders(tmp_path) == ["hopper_b__seed0", "hopper_b__seed1", "walker2d_a__seed0", "walker2d_a__seed1"]
-    for name in folders(tmp_path):
-        results = json.loads((tmp_path / name / "results.json").read_text())
-        assert results["steps"] == 200
-    assert out.stdout.count("finished ") == 4 and "final " in out.stdout and "best " in out.stdout
-    table = (tmp_path / "summary.md").read_text()
-    for dataset in ("walker2d_a", "hopper_b"):
-        row = next(line for line in table.splitlines() if line.startswith(f"| {dataset} |"))
-        assert row.count("±") == 2 and "| 2 |" in row  # mean ± std of final and best over 2 seeds
-        assert row in out.stdout
-
-
 def training_pid(log_dir, seed):
     """The training process of one run of the sweep, found by its command line."""
     for entry in os.listdir("/proc"):
@@ -125,8 +112,9 @@ def test_a_killed_run_is_retried_and_ends_as_if_never_killed(bear, ray_address, 
     assert "resuming" in (log_dir / "sweep-logs" / "walker2d_a__seed1.log").read_text()
 
 
-def test_a_stopped_driver_continues_with_the_same_command(ray_address, data, tmp_path):
-    cmd = sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5", data / "hopper_b.hdf5"], "0-1", 1500, 100)
+def test_a_stopped_driver_continues_with_the_same_command_and_ends_with_four_runs_and_the_table(ray_address, data,
+                                                                                               tmp_path):
+    cmd = sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5", data / "hopper_b.hdf5"], "0-1", 600, 100)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=ENV)
     deadline = time.time() + 600
@@ -153,25 +141,18 @@ def test_a_stopped_driver_continues_with_the_same_command(ray_address, data, tmp
     for name, mtime in finished.items():  # not run again
         assert (tmp_path / name / "results.json").stat().st_mtime_ns == mtime
     for name in folders(tmp_path):
-        assert json.loads((tmp_path / name / "results.json").read_text())["steps"] == 1500
+        assert json.loads((tmp_path / name / "results.json").read_text())["steps"] == 600
     for name in unfinished:  # stopped with a checkpoint, then continued from it
         log = (tmp_path / "sweep-logs" / f"{name}.log").read_text()
         assert log.count("=== started") == 2 and "resuming" in log, log
-
-
-def test_each_run_trains_on_the_gpu_ray_gives_it(ray_address, data, tmp_path):
-    # --gpu=0 and the default --gpus-per-run (1 when the cluster has GPUs): Ray sets CUDA_VISIBLE_DEVICES for each
-    # task and the run uses cuda:0, the first device it sees; without CUDA here it says so and trains on the CPU
-    cmd = sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5"], "0-1", 50, 50)
-    out = run([*cmd, "--gpu=0"])
-    assert out.returncode == 0, out.stdout + out.stderr
-    given = set()
-    for seed in (0, 1):
-        log = (tmp_path / "sweep-logs" / f"walker2d_a__seed{seed}.log").read_text()
-        given |= {gpu for gpu in ("0", "1") if f"CUDA_VISIBLE_DEVICES={gpu}\n" in log}
-        assert json.loads((tmp_path / f"walker2d_a__seed{seed}" / "config.json").read_text())["gpu"] == 0
-        assert "CUDA is not available here: training on the CPU" in log or "cuda" in log
-    assert given == {"0", "1"}  # the two runs ran side by side, each on a GPU of its own
+    # each run said it finished, once, with its scores; then the table of the four
+    assert out.count("finished ") == len(finished) and again.stdout.count("finished ") == 4 - len(finished)
+    assert "final " in again.stdout and "best " in again.stdout
+    table = (tmp_path / "summary.md").read_text()
+    for dataset in ("walker2d_a", "hopper_b"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {dataset} |"))
+        assert row.count("±") == 2 and "| 2 |" in row  # mean ± std of final and best over 2 seeds
+        assert row in again.stdout
 
 
 def test_a_bad_pair_fails_alone_with_its_reason(ray_address, data, tmp_path):
@@ -205,7 +186,7 @@ def test_a_bad_pair_fails_alone_with_its_reason(ray_address, data, tmp_path):
     (["--dataset=walker2d-random-v2,,hopper-random-v2"], "is not a dataset list"),
 ])
 def test_malformed_lists_are_one_line_exit_2(tmp_path, args, message):
-    out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=tmp_path)
+    out = launch.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr
 
 
@@ -221,13 +202,16 @@ def test_a_single_run_does_not_import_ray(data, tmp_path):
     code = (f"import importlib.util, sys; s = importlib.util.spec_from_file_location('m', r'{SCRIPT}'); "
             "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
             f"code = m.main(['--dataset={data / 'walker2d_a.hdf5'}', '--seed=0', '--log-dir={tmp_path}', '--max-steps=20', "
-            "'--eval-every=20', '--eval-episodes=1', '--gpu=-1']); print('exit', code, 'ray' in sys.modules)")
+            f"'--eval-every=20', '--eval-episodes=1', '--gpu=-1', *{TINY_NETS}]); print('exit', code, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "exit 0 False", out.stderr
 
 
-def test_a_sweep_started_twice_on_one_log_folder_trains_each_run_once(ray_address, data, tmp_path):
-    cmd = sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5"], "0-1", 600, 100)
+def test_a_sweep_started_twice_on_one_log_folder_trains_each_run_once_each_on_the_gpu_ray_gives_it(ray_address, data,
+                                                                                                   tmp_path):
+    # --gpu=0 and the default --gpus-per-run (1 when the cluster has GPUs): Ray sets CUDA_VISIBLE_DEVICES for each
+    # task and the run uses cuda:0, the first device it sees; without CUDA here it says so and trains on the CPU
+    cmd = [*sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5"], "0-1", 600, 100), "--gpu=0"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 300
     while not (tmp_path / "walker2d_a__seed0" / "metrics.csv").exists():
@@ -240,15 +224,24 @@ def test_a_sweep_started_twice_on_one_log_folder_trains_each_run_once(ray_addres
         "wait for that sweep to end (the same command then continues what is unfinished)"]
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, out + err
+    given = set()
     for seed in (0, 1):
-        assert (tmp_path / "sweep-logs" / f"walker2d_a__seed{seed}.log").read_text().count("=== started") == 1
+        log = (tmp_path / "sweep-logs" / f"walker2d_a__seed{seed}.log").read_text()
+        assert log.count("=== started") == 1
         assert json.loads((tmp_path / f"walker2d_a__seed{seed}" / "results.json").read_text())["steps"] == 600
+        given |= {gpu for gpu in ("0", "1") if f"CUDA_VISIBLE_DEVICES={gpu}\n" in log}
+        assert json.loads((tmp_path / f"walker2d_a__seed{seed}" / "config.json").read_text())["gpu"] == 0
+        assert "CUDA is not available here: training on the CPU" in log or "cuda" in log
+    assert given == {"0", "1"}  # the two runs ran side by side, each on a GPU of its own
     assert not (tmp_path / ".sweep.lock").exists()
 
 
-def test_a_run_that_crashes_is_retried_once_then_reported(ray_address, data, tmp_path):
-    cmd = sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5"], "0-1", 100, 100)
-    assert run(cmd).returncode == 0
+def test_a_run_that_crashes_is_retried_once_then_reported(bear, ray_address, data, tmp_path, capsys):
+    # seed 1's first 100 steps, as a sweep's run would have made them (its settings), in the test's process
+    code, _, err = run_main(bear, [f"--dataset={data / 'walker2d_a.hdf5'}", "--seed=1", f"--log-dir={tmp_path}",
+                                   "--max-steps=100", "--eval-every=100", "--checkpoint-every=100", "--threads=1",
+                                   *SMALL], capsys)
+    assert code == 0, err
     metrics = tmp_path / "walker2d_a__seed1" / "metrics.csv"  # a run folder gone wrong in a way nobody plans for
     metrics.unlink()
     metrics.mkdir()  # (a damaged checkpoint is not a crash: the run falls back, tests/test_damage.py)
@@ -257,7 +250,7 @@ def test_a_run_that_crashes_is_retried_once_then_reported(ray_address, data, tmp
     assert "walker2d_a__seed1 crashed (bear-train.py: crashed: " in out.stdout and "retrying it once" in out.stdout
     assert "FAILED walker2d_a__seed1: crashed twice: bear-train.py: crashed: " in out.stderr
     log = (tmp_path / "sweep-logs" / "walker2d_a__seed1.log").read_text()
-    assert log.count("=== started") == 3  # the first sweep, then the attempt and its one retry
+    assert log.count("=== started") == 2  # the attempt and its one retry
     assert "Traceback" not in log  # the tracebacks are in the run folder
     assert "Traceback (most recent call last)" in (tmp_path / "walker2d_a__seed1" / "error.log").read_text()
     assert json.loads((tmp_path / "walker2d_a__seed0" / "results.json").read_text())["steps"] == 200
