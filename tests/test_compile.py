@@ -1,57 +1,32 @@
-"""--compile: torch.compile of the update gives the same losses as the eager update (CPU, float tolerance).
+"""--compile: torch.compile of the update gives the eager update's numbers (CPU, float tolerance), step by step, through
+the command line: first the warm-up steps, then the steps with the Q term.
 
 Both tests and the speed benchmark's --small compile the update at the same sizes (8 wide, batch 8, K = 2, 17-dim
-states, 6-dim actions): inductor's cache of compiled graphs then compiles it once in a session, not three times."""
+states, 6-dim actions): inductor's cache of compiled graphs then compiles each graph once in a session. The second test
+finds the warm-up graphs in it and compiles only those of the Q term, so that neither test compiles everything."""
+import csv
+import json
+
 import pytest
 import torch
 
-from conftest import random_transitions, run_main
+from conftest import run_main, write_d4rl_file
 
 EIGHT = dict(actor_hidden=8, critic_hidden=8, vae_hidden=8, batch_size=8)  # benchmarks/speed.py's TINY_NETS
+METRICS = ("vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "mmd", "q_mean", "q_data")
 
 
-def test_compiled_update_matches_eager(bear):
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fallback_random = True  # the compiled graph draws the same random numbers as eager
-    data = random_transitions(500, terminal_rate=0.1)
-    buffer = bear.ReplayBuffer(data, torch.device("cpu"))
-    batches = [buffer.sample(8) for _ in range(4)]
-    sums = []
-    for compile in (False, True):
-        cfg = bear.Config(compile=compile, **EIGHT)
-        torch.manual_seed(0)
-        agent = bear.BEAR(cfg, 17, 6, "laplacian", torch.device("cpu"))
-        per_step = []
-        for i, batch in enumerate(batches):
-            agent.update(batch, warmup=i < 2)  # two warm-up steps, then two with the Q term
-            per_step.append(agent.metric_sum.clone())
-            agent.metric_sum.zero_()
-        sums.append(torch.stack(per_step))
-        params = torch.cat([p.detach().flatten() for p in agent.actor.parameters()])
-        sums.append(params)
-    eager, eager_params, compiled, compiled_params = sums
-    assert torch.isfinite(eager).all()
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(compiled_params, eager_params, rtol=1e-4, atol=1e-5)
-    assert not torch.equal(eager[0], eager[-1])  # the steps did change something
-
-
-def test_compile_through_the_command_line_gives_the_eager_runs_numbers(bear, tmp_path, capsys, monkeypatch):
-    import csv
-    import json
-
-    from conftest import write_d4rl_file
-
+def eager_and_compiled(bear, tmp_path, capsys, monkeypatch, steps, warmup):
+    """The same run eager and with --compile, a metrics.csv row per step: (rows, final agent state) of each."""
     compiled_calls, real_compile = [], torch.compile
     monkeypatch.setattr(torch, "compile", lambda *a, **k: compiled_calls.append(a) or real_compile(*a, **k))
-
     data = tmp_path / "walker2d_c.hdf5"
     write_d4rl_file(data, n=400)
-    args = [f"--dataset={data}", f"--log-dir={tmp_path}", "--max-steps=8", "--warmup-steps=4", "--log-every=4",
-            "--eval-every=8", *(f"--{k.replace('_', '-')}={v}" for k, v in EIGHT.items()), "--eval-episodes=1",
-            "--eval-candidates=4", "--gpu=-1", "--eval-workers=0", "--threads=1"]
-    rows = {}
+    args = [f"--dataset={data}", f"--log-dir={tmp_path}", f"--max-steps={steps}", f"--warmup-steps={warmup}",
+            "--log-every=1", f"--eval-every={steps}", f"--checkpoint-every={steps}",
+            *(f"--{k.replace('_', '-')}={v}" for k, v in EIGHT.items()), "--eval-episodes=1", "--eval-candidates=4",
+            "--gpu=-1", "--eval-workers=0", "--threads=1"]
+    rows, states = {}, {}
     for name, flag in (("eager", "--no-compile"), ("compiled", "--compile")):
         before = len(compiled_calls)
         code, _, err = run_main(bear, args + [flag, f"--run-name={name}"], capsys)
@@ -59,8 +34,23 @@ def test_compile_through_the_command_line_gives_the_eager_runs_numbers(bear, tmp
         assert len(compiled_calls) - before == (name == "compiled")  # the update, compiled only with --compile
         with open(tmp_path / name / "metrics.csv", newline="") as f:
             rows[name] = list(csv.DictReader(f))
-    assert len(rows["compiled"]) == len(rows["eager"]) == 2
+        states[name] = torch.load(tmp_path / name / f"checkpoint-{steps:09d}.pt", weights_only=False)["agent"]
     assert json.loads((tmp_path / "compiled" / "config.json").read_text())["compile"] is True
-    for eager, compiled in zip(rows["eager"], rows["compiled"]):  # both warm-up and post-warm-up steps
-        for key in ("vae_loss", "critic_loss", "actor_loss", "alpha", "mmd", "q_mean", "q_data"):
-            assert float(compiled[key]) == pytest.approx(float(eager[key]), rel=1e-4, abs=1e-6), key
+    assert len(rows["compiled"]) == len(rows["eager"]) == steps
+    for eager, compiled in zip(rows["eager"], rows["compiled"]):
+        for key in METRICS:
+            assert float(compiled[key]) == pytest.approx(float(eager[key]), rel=1e-4, abs=1e-6), (eager["step"], key)
+    for net in ("vae", "actor", "critics", "target_critics"):
+        for key, value in states["eager"][net].items():
+            torch.testing.assert_close(states["compiled"][net][key], value, rtol=1e-4, atol=1e-5, msg=f"{net}.{key}")
+    torch.testing.assert_close(states["compiled"]["log_alpha"], states["eager"]["log_alpha"], rtol=1e-4, atol=1e-5)
+    return rows
+
+
+def test_compiled_warm_up_steps_give_the_eager_numbers(bear, tmp_path, capsys, monkeypatch):
+    rows = eager_and_compiled(bear, tmp_path, capsys, monkeypatch, steps=2, warmup=2)
+    assert rows["eager"][0]["actor_loss"] != rows["eager"][1]["actor_loss"]  # the steps did change something
+
+
+def test_compiled_steps_with_the_q_term_give_the_eager_numbers(bear, tmp_path, capsys, monkeypatch):
+    eager_and_compiled(bear, tmp_path, capsys, monkeypatch, steps=4, warmup=2)
