@@ -2107,7 +2107,7 @@ def tag_group(key: str) -> str:
 
 
 PLOT_EVERY = 300  # seconds: curves.png is redrawn at an evaluation at most this often (about 1 s on the training
-# process each time: 0.3 % of a run at this rate, 1.7 % at once a minute), and at the end
+# process each time: 0.3 % of a run at this rate, 1.7 % at once a minute), and at the end if rows came since
 
 
 class Logger:
@@ -2115,6 +2115,7 @@ class Logger:
 
     def __init__(self, run_dir: Path, cfg: Config, csv_offset: int | None, title: str, q_bound: float | None = None):
         self.run_dir, self.title, self.q_bound, self.plotted = run_dir, title, q_bound, 0.0
+        self.plotted_size = -1  # metrics.csv's size when curves.png was last drawn
         path = run_dir / "metrics.csv"
         if csv_offset is None:
             path.write_text(",".join(CSV_FIELDS) + "\n")
@@ -2169,15 +2170,17 @@ class Logger:
                 self.plot()
 
     def plot(self) -> None:
+        size = os.path.getsize(self.run_dir / "metrics.csv")
         plot_curves(self.rows(), self.run_dir / "curves.png", self.title, self.q_bound)
-        self.plotted = time.time()
+        self.plotted, self.plotted_size = time.time(), size
 
     def offset(self) -> int:
         return self.csv.tell()
 
     def close(self) -> None:
         self.csv.close()
-        self.plot()
+        if not ((self.run_dir / "curves.png").exists() and os.path.getsize(self.run_dir / "metrics.csv") == self.plotted_size):
+            self.plot()  # not when the last evaluation's plot already shows every row
         if self.tb:
             self.tb.close()
         if self.wandb:

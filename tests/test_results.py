@@ -149,3 +149,18 @@ def test_summarize_skips_a_run_that_has_not_trained_yet_with_a_note(bear, two_se
     shutil.rmtree(runs / "hopper_tiny__seed0")
     out = run(f"--summarize={runs}", cwd=tmp_path)  # the real command's exit code and stderr
     assert out.returncode == 2 and "no runs with an evaluation" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_curves_png_is_redrawn_at_the_end_only_when_rows_came_after_the_last_drawing(bear, tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(bear, "plot_curves", lambda rows, path, *a: (drawn.append([r["step"] for r in rows]),
+                                                                    path.write_bytes(b"png")))
+    row = {k: 1.0 for k in bear.METRICS}
+    for run, last_eval in (("evaluated_last", True), ("trained_after", False)):
+        (tmp_path / run).mkdir()
+        logger = bear.Logger(tmp_path / run, bear.Config(), None, "t")
+        logger.write(20, {**row, "step": 20, "eval_return": 1.0, "eval_normalized_score": 1.0}, 1.0)  # drawn: the first evaluation
+        if not last_eval:
+            logger.write(40, {**row, "step": 40}, 1.0)
+        logger.close()
+    assert drawn == [["20"], ["20"], ["20", "40"]]  # the end draws again only what the last drawing missed
