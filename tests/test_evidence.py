@@ -43,9 +43,11 @@ def inside_fraction(agent, buffer, margin=0.0):
 
 @pytest.fixture(scope="module")
 def runs(bear):
-    constrained = train(bear, 1500, log_alpha_init=10.0)  # alpha at its clamp, where published runs sit
+    # 600 steps: seeds 0-2 give the margins of 1 500 (Q at 0.9 above Q at 0.25 by 0.50-0.53; all samples inside
+    # the support with the constraint, none without it, all of those above it)
+    constrained = train(bear, 600, log_alpha_init=10.0)  # alpha at its clamp, where published runs sit
     inf = float("-inf")
-    unconstrained = train(bear, 1500, log_alpha_init=inf, log_alpha_min=inf, log_alpha_max=inf)  # alpha = 0
+    unconstrained = train(bear, 600, log_alpha_init=inf, log_alpha_min=inf, log_alpha_max=inf)  # alpha = 0
     return constrained, unconstrained
 
 
