@@ -6,8 +6,10 @@ The tiny benchmark commands spend most of their time starting processes, on one 
 at a time from the module's first test on, in the order of their tests, and each test waits for its own command and
 checks its output. Their figures mean nothing at these sizes, so sharing the cores costs no check."""
 import argparse
+import contextlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -47,7 +49,7 @@ class Background:
     """The commands of the selected tests, run `slots` at a time in the order given; result(name) waits for one."""
 
     def __init__(self, names, folders, slots=2):
-        self.todo, self.lock, self.procs = list(names), threading.Lock(), []
+        self.todo, self.lock, self.procs, self.closed = list(names), threading.Lock(), [], False
         self.folders, self.results = folders, {}
         self.done = {name: threading.Event() for name in names}
         self.threads = [threading.Thread(target=self.work, daemon=True) for _ in range(slots)]
@@ -62,10 +64,18 @@ class Background:
                 name = self.todo.pop(0)
             try:
                 cmd, env = COMMANDS[name](self.folders[name])
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        cwd=self.folders[name], env=dict(os.environ, **env))
-                self.procs.append(proc)
-                out, err = proc.communicate(timeout=900)
+                with self.lock:
+                    if self.closed:  # the module ended first: nothing starts beside the next modules' tests
+                        raise RuntimeError(f"{name}: not started, the module ended first")
+                    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                            cwd=self.folders[name], env=dict(os.environ, **env),
+                                            start_new_session=True)  # a group of its own, its servers and runs in it
+                    self.procs.append(proc)
+                try:
+                    out, err = proc.communicate(timeout=900)
+                except subprocess.TimeoutExpired:
+                    self.stop(proc)
+                    raise
                 self.results[name] = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
             except BaseException as e:  # the test that waits for it raises it
                 self.results[name] = e
@@ -81,12 +91,19 @@ class Background:
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
         return self.folders[name], out
 
+    @staticmethod
+    def stop(proc):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
     def close(self):
         with self.lock:
             self.todo.clear()
+            self.closed = True
         for proc in self.procs:
             if proc.poll() is None:
-                proc.kill()
+                self.stop(proc)
 
 
 COMMAND_OF_TEST = {"test_the_sweep_benchmark_runs_at_a_tiny_size": "sweep",

@@ -156,11 +156,14 @@ def test_curves_png_is_redrawn_at_the_end_only_when_rows_came_after_the_last_dra
     monkeypatch.setattr(bear, "plot_curves", lambda rows, path, *a: (drawn.append([r["step"] for r in rows]),
                                                                     path.write_bytes(b"png")))
     row = {k: 1.0 for k in bear.METRICS}
-    for run, last_eval in (("evaluated_last", True), ("trained_after", False)):
+    for run in ("evaluated_last", "trained_after", "png_removed"):
         (tmp_path / run).mkdir()
         logger = bear.Logger(tmp_path / run, bear.Config(), None, "t")
         logger.write(20, {**row, "step": 20, "eval_return": 1.0, "eval_normalized_score": 1.0}, 1.0)  # drawn: the first evaluation
-        if not last_eval:
+        if run == "trained_after":
             logger.write(40, {**row, "step": 40}, 1.0)
+        if run == "png_removed":
+            (tmp_path / run / "curves.png").unlink()
         logger.close()
-    assert drawn == [["20"], ["20"], ["20", "40"]]  # the end draws again only what the last drawing missed
+    # the end draws again only what the last drawing missed, or a curves.png that is gone
+    assert drawn == [["20"], ["20"], ["20", "40"], ["20"], ["20"]]
