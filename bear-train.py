@@ -2179,7 +2179,7 @@ class Logger:
 
     def close(self) -> None:
         self.csv.close()
-        if not ((self.run_dir / "curves.png").exists() and os.path.getsize(self.run_dir / "metrics.csv") == self.plotted_size):
+        if os.path.getsize(self.run_dir / "metrics.csv") != self.plotted_size or not (self.run_dir / "curves.png").exists():
             self.plot()  # not when the last evaluation's plot already shows every row
         if self.tb:
             self.tb.close()
