@@ -33,10 +33,14 @@ def learning_check(folder):
         BEAR_D4RL_BASE_URL="http://127.0.0.1:9/offline_rl")
 
 
+def d3rlpy_python(folder):
+    return os.environ.get("D3RLPY_PYTHON", str(folder / "no-d3rlpy"))
+
+
 COMMANDS = {  # name: folder -> (command, environment added); run in that folder
     **{f"speed {parts}": lambda folder, parts=parts: (
         [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--small", "--parts", *parts.split()],
-        {"D3RLPY_PYTHON": os.environ.get("D3RLPY_PYTHON", str(folder / "no-d3rlpy"))}) for parts in SPEED_PARTS},
+        {"D3RLPY_PYTHON": d3rlpy_python(folder)}) for parts in SPEED_PARTS},
     "sweep": lambda folder: ([sys.executable, str(ROOT / "benchmarks" / "sweep.py"), "--small", "--steps=10"],
                              {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}),
     "minari": lambda folder: ([sys.executable, str(ROOT / "benchmarks" / "minari_local.py"), "--small"],
@@ -52,9 +56,8 @@ class Background:
         self.todo, self.lock, self.procs, self.closed = list(names), threading.Lock(), [], False
         self.folders, self.results = folders, {}
         self.done = {name: threading.Event() for name in names}
-        self.threads = [threading.Thread(target=self.work, daemon=True) for _ in range(slots)]
-        for thread in self.threads:
-            thread.start()
+        for _ in range(slots):
+            threading.Thread(target=self.work, daemon=True).start()
 
     def work(self):
         while True:
@@ -117,20 +120,17 @@ def command_of(item):
     return COMMAND_OF_TEST.get(item.originalname)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def background(request, tmp_path_factory):
-    """The commands of this module's selected tests, started by its first test."""
+    """The commands of this module's selected tests, started with its first test, whichever that is, so that they
+    run while the first tests do."""
     wanted = {command_of(item) for item in request.session.items if item.module is request.module}
-    names = [name for name in COMMANDS if name in wanted]
+    # in the order of the tests, but the device part, the longest, first: started in its turn, it ran while its
+    # test waited, up to 58 s (a fresh-clone run, 2026-12-04)
+    names = sorted((name for name in COMMANDS if name in wanted), key=lambda name: name != "speed device")
     runner = Background(names, {name: tmp_path_factory.mktemp(name.replace(" ", "_")) for name in names})
     yield runner
     runner.close()
-
-
-@pytest.fixture(autouse=True)
-def _start_the_background(request):
-    """Every test of the module starts the background commands (once), so that they run while the first tests do."""
-    request.getfixturevalue("background")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_every_part_of_the_speed_benchmark_runs_at_a_tiny_size(parts, background
     assert rows, out.stdout
     for name, value, how in rows:
         assert value.strip() and name.strip(), rows
-    if "d3rlpy" in parts and not os.path.exists(os.environ.get("D3RLPY_PYTHON", str(folder / "no-d3rlpy"))):
+    if "d3rlpy" in parts and not os.path.exists(d3rlpy_python(folder)):
         assert any("d3rlpy 2.8.1 BEAR" in name and value.strip() == "skipped" for name, value, _ in rows), rows
     assert len(rows) == SPEED_PARTS[parts], out.stdout
 
