@@ -806,9 +806,13 @@ class DiskFull(Exception):
         mount = Path(path).absolute().parent
         while not os.path.ismount(mount) and mount != mount.parent:
             mount = mount.parent
+        folder, kept = Path(path).parent, ""
+        if (folder / "config.json").exists() or Path(path).name == "config.json":  # a run folder: what --resume finds
+            whole = [c for c in checkpoints(folder) if manifest_path(c).exists()]
+            kept = (f"; the newest checkpoint (step {int(whole[-1].stem.split('-')[1])}) is whole" if whole
+                    else "; no checkpoint yet: --resume starts from step 0")
         super().__init__(f"no space left on the disk mounted at {mount} while writing {path}; nothing written before "
-                         "is lost (the newest checkpoint is whole): free space there, then continue with the same "
-                         "command plus --resume")
+                         f"is lost{kept}: free space there, then continue with the same command plus --resume")
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -2427,11 +2431,11 @@ GL_PACKAGES = {"egl": "libegl1 libgl1-mesa-dri", "osmesa": "libosmesa6", "glfw":
 
 
 def choose_gl() -> str:
-    """MuJoCo's OpenGL backend for off-screen frames: MUJOCO_GL when set, else EGL without a display and GLFW with
-    one. Set before mujoco is first imported; checked by rendering one frame."""
+    """MuJoCo's OpenGL backend for off-screen frames: MUJOCO_GL when set and not empty (MuJoCo reads empty as unset),
+    else EGL without a display and GLFW with one. Set before mujoco is first imported; checked by rendering one frame."""
     import gc
 
-    gl = os.environ.setdefault("MUJOCO_GL", "glfw" if os.environ.get("DISPLAY") else "egl")
+    gl = os.environ["MUJOCO_GL"] = os.environ.get("MUJOCO_GL") or ("glfw" if os.environ.get("DISPLAY") else "egl")
     why, hook, sys.unraisablehook = "", sys.unraisablehook, lambda unraisable: None  # a half-made viewer's __del__
     try:
         try:

@@ -230,6 +230,7 @@ def test_a_full_disk_loses_nothing_and_resume_continues_exactly(bear, data, refe
     assert line.startswith("bear-train.py: disk full: no space left on the disk mounted at ")
     name = {"checkpoint": "checkpoint-000000300.pt", "policy": "policy-final.pt"}[full_at]
     assert f"while writing {folder / name}" in line and line.endswith("plus --resume")
+    assert "nothing written before is lost; the newest checkpoint (step 200) is whole: free space" in line
     assert torch.load(folder / "policy-final.pt", weights_only=True)["step"] == (300 if full_at == "checkpoint" else 200)
     assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-000000100.json", "checkpoint-000000100.pt",
                                                                   "checkpoint-000000200.json", "checkpoint-000000200.pt"]
@@ -239,6 +240,27 @@ def test_a_full_disk_loses_nothing_and_resume_continues_exactly(bear, data, refe
     assert resume(bear, data, folder) == 0
     assert (folder / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
     assert scores(folder) == scores(reference)
+
+
+def test_a_disk_that_fills_before_the_first_checkpoint_says_resume_starts_from_step_0(bear, data, reference, tmp_path,
+                                                                                      monkeypatch, capsys):
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("step") == 100 and "agent" in obj:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert bear.main(args(data, tmp_path)) == bear.EXIT_DISK_FULL
+    line = one_line(capsys.readouterr().err)
+    assert "nothing written before is lost; no checkpoint yet: --resume starts from step 0: free space there" in line
+    assert "newest checkpoint (" not in line
+    folder = tmp_path / reference.name
+    assert not list(folder.glob("checkpoint-*")) and not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    assert resume(bear, data, folder) == 0
+    assert (folder / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
 
 
 def test_a_manifest_that_cannot_be_written_leaves_no_checkpoint_behind(bear, tmp_path, monkeypatch):

@@ -226,11 +226,14 @@ def test_the_summary_reports_the_iqm_with_stratified_bootstrap_intervals(bear):
     assert lo < bear.iqm(scores) < hi
 
 
-def test_video_writes_an_mp4_of_the_first_episode_that_reads_back_frame_for_frame(bear, folder, monkeypatch):
+@pytest.mark.parametrize("mujoco_gl", [None, ""])  # empty, as shells and CI files export it: MuJoCo reads it as unset
+def test_video_writes_an_mp4_of_the_first_episode_that_reads_back_frame_for_frame(bear, folder, monkeypatch, mujoco_gl):
     import imageio.v3 as iio
 
     for name in ("MUJOCO_GL", "PYOPENGL_PLATFORM", "DISPLAY"):  # mujoco sets PYOPENGL_PLATFORM to match: put back
         monkeypatch.delenv(name, raising=False)
+    if mujoco_gl is not None:
+        monkeypatch.setenv("MUJOCO_GL", mujoco_gl)
     assert bear.main([f"--evaluate={folder}", "--eval-episodes=2", "--video"]) == 0
     assert os.environ["MUJOCO_GL"] == "egl"  # chosen: no display here
     written = json.loads((folder / "evaluation-final-2ep-seed0.json").read_text())
