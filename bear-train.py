@@ -1052,9 +1052,23 @@ def discounted_returns(rewards: np.ndarray, terminal: np.ndarray, end: np.ndarra
     return np.array(returns), np.array(complete, bool)
 
 
+MUJOCO_WARNINGS_SHOWN: set[str] = set()
+
+
+def mujoco_warning(message: str) -> None:
+    """MuJoCo's warnings, each shown once per process: MuJoCo 4 warns at every compile of gymnasium's
+    half_cheetah.xml that settotalmass is deprecated, 42 times in a HalfCheetah run. Forked workers inherit what
+    was shown."""
+    if message not in MUJOCO_WARNINGS_SHOWN:
+        MUJOCO_WARNINGS_SHOWN.add(message)
+        print(f"WARNING: {message} (MuJoCo; shown once)", file=sys.stderr, flush=True)
+
+
 def make_env(env_id: str, **kwargs):
     import gymnasium as gym
+    import mujoco
 
+    mujoco.set_mju_user_warning(mujoco_warning)
     with warnings.catch_warnings():  # gymnasium calls every *-v4 env out of date; v4 is deliberate (docs/differences.md)
         warnings.simplefilter("ignore", DeprecationWarning)
         return gym.make(env_id, **kwargs)
@@ -1340,6 +1354,7 @@ def regenerate_random(spec: DatasetSpec, steps: int, dest: Path, workers: int = 
             for c, job in enumerate(chunks):
                 parts[c] = _random_rollout(env_id, *job, progress=lambda n: bar.update(min(n, steps - bar.n)))
         else:
+            make_env(env_id).close()  # MuJoCo's warnings about the model, once here and not in every worker
             ctx = multiprocessing.get_context("fork")
             jobs, results, counter = ctx.SimpleQueue(), ctx.Queue(), ctx.Value("q", 0)
             for c, job in enumerate(chunks):

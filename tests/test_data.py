@@ -1,8 +1,13 @@
 """D4RL names, files and the q-learning transitions, on HDF5 files written by the tests (spec section 3)."""
+import csv
+import os
+import sys
+
 import numpy as np
 import pytest
 
-from conftest import write_d4rl_file
+import launch
+from conftest import SCRIPT, TINY_NETS, write_d4rl_file
 
 BASE = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
 
@@ -228,3 +233,21 @@ def test_the_probe_set_is_fixed_and_holds_only_complete_returns(bear):
     assert np.array_equal(bear.probe_rows(complete[:100], 4096), np.flatnonzero(complete[:100]))  # small data: all
     assert bear.q_bound(np.array([1.0, 3.48]), 0.99) == pytest.approx(348)
     assert bear.q_bound(np.array([-2.0, -1.0]), 0.99) == -1.0  # negative rewards: stopping at once is best
+
+
+def test_a_halfcheetah_run_shows_mujocos_settotalmass_warning_once_and_other_warnings_still(bear, tmp_path, capsys):
+    """MuJoCo 4 warns at every compile of gymnasium's half_cheetah.xml: regeneration's workers and each evaluation
+    make one. The run's whole output carries it once."""
+    env = os.environ | {"D4RL_DATASET_DIR": str(tmp_path / "d4rl")}
+    out = launch.run([sys.executable, str(SCRIPT), "--dataset=halfcheetah-random-v2", "--offline", "--regen-steps=3000",
+                      "--regen-workers=2", f"--log-dir={tmp_path / 'runs'}", *TINY_NETS, "--max-steps=60",
+                      "--warmup-steps=30", "--eval-every=20", "--eval-episodes=2", "--eval-workers=0", "--gpu=-1",
+                      "--threads=1", "--probe-size=64"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    assert text.count("settotalmass") == 1, text
+    with open(tmp_path / "runs" / "halfcheetah-random-v2__seed0" / "metrics.csv") as f:
+        assert sum(bool(row["eval_return"]) for row in csv.DictReader(f)) >= 3  # each evaluation made an environment
+    bear.mujoco_warning("a warning of another kind")  # shown, once, beside the one above
+    bear.mujoco_warning("a warning of another kind")
+    assert capsys.readouterr().err.count("WARNING: a warning of another kind") == 1
