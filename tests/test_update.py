@@ -6,6 +6,7 @@ and torch's plain Adam. It imports nothing from bear-train.py. Tests that drive 
 """
 import math
 
+import numpy as np
 import torch
 
 VAE_KEYS = ["encoder.0.weight", "encoder.0.bias", "encoder.2.weight", "encoder.2.bias",
@@ -323,6 +324,58 @@ def test_the_update_is_the_spec_step_by_step(bear, k, kernel, actor_q):
         metrics_script = dict(zip(bear.METRICS, agent.metric_sum.tolist()))
         agent.metric_sum.zero_()
         compare(agent, reference, metrics_script, metrics_reference)
+
+
+def test_a_new_agent_starts_with_targets_equal_to_its_critics_and_optimisers_without_state(bear):
+    """The reference update above loads the agent's state; this is the state a run starts from."""
+    cfg = bear.Config(num_critics=3, actor_hidden=8, critic_hidden=8, vae_hidden=8, log_alpha_init=0.5)
+    agent = bear.BEAR(cfg, S, A, "laplacian", torch.device("cpu"))
+    online, target = dict(agent.critics.named_parameters()), dict(agent.target_critics.named_parameters())
+    assert list(online) == list(target)
+    for name in online:
+        assert torch.equal(online[name], target[name]), name
+        assert online[name].data_ptr() != target[name].data_ptr(), f"{name}: a copy, not the same storage"
+    assert not torch.equal(*agent.critics.weights[0][:2]), "the K critics start from different weights"
+    for name in ("vae_opt", "actor_opt", "critic_opt", "alpha_opt"):
+        assert not getattr(agent, name).state, f"{name} holds state before the first step"
+    assert agent.log_alpha.item() == 0.5 and int(agent.step) == 0
+
+
+class _Started(Exception):
+    pass
+
+
+def _initial_observations(bear, monkeypatch, seed, step=10):
+    """The observations an evaluation's episodes start from; it stops before the first action."""
+    cfg = bear.Config(actor_hidden=8, critic_hidden=8, eval_episodes=4, seed=seed)
+    evaluator = bear.Evaluator(bear.EvalTarget("Hopper-v4", None), cfg, 11, 3)
+    seen = []
+    for env in evaluator.envs:
+        def reset(*args, _reset=env.reset, **kwargs):
+            out = _reset(*args, **kwargs)
+            seen.append(np.array(out[0]))
+            return out
+        env.reset = reset
+
+    def started(*args, **kwargs):
+        raise _Started
+
+    monkeypatch.setattr(bear, "select_action", started)
+    with pytest.raises(_Started):
+        evaluator.episodes(step)
+    for env in evaluator.envs:
+        env.close()
+    return np.stack(seen)
+
+
+def test_an_evaluations_episodes_start_from_different_states_fixed_by_the_seed(bear, monkeypatch):
+    first = _initial_observations(bear, monkeypatch, seed=3)
+    assert len(first) == 4
+    for i in range(4):
+        for j in range(i):
+            assert not np.array_equal(first[i], first[j]), f"episodes {j} and {i} start from one state"
+    assert np.array_equal(first, _initial_observations(bear, monkeypatch, seed=3, step=20))  # every evaluation
+    assert not np.array_equal(first, _initial_observations(bear, monkeypatch, seed=4))  # another seed, other states
 
 
 def test_every_mistake_of_the_mutation_check_still_applies():
