@@ -279,11 +279,17 @@ def bf16_slow(device: torch.device) -> str:
         "matrix multiplies run on a slow generic path, much slower than float32 (benchmarks/speed.py --parts bf16)"
 
 
+BF16_MEASURED = {  # bf16's update over fp32's, benchmarks/speed.py --parts bf16 on 2 cores (docs/gpu-and-precision.md)
+    "amx_bf16": "1.22x on an AMX host", "avx512_bf16": "1.53x on an AVX512-BF16 host without AMX"}
+
+
 def bf16_hint(precision: str, device: torch.device) -> str:
-    """For an fp32 run on a CPU with fast bf16: the one line that says --precision=bf16 is there ('' otherwise)."""
+    """For an fp32 run on a CPU with fast bf16: the one line that says --precision=bf16 is there ('' otherwise),
+    with the speed-up measured on this CPU's class, not a promise."""
     found = sorted(cpu_flags() & BF16_CPU_FLAGS) if device.type == "cpu" and precision == "fp32" else []
-    return (f"note: this CPU reports {' and '.join(found)}: --precision=bf16 is available here, and in the 3-seed "
-            "comparison on such a CPU it learned the same as fp32, 1.7x faster (docs/gpu-and-precision.md)") if found else ""
+    return (f"note: this CPU reports {' and '.join(found)}: --precision=bf16 is available here; it learned the same "
+            f"as fp32 in a 3-seed comparison, and its update ran {BF16_MEASURED[found[0]]} (measure this one: "
+            "python benchmarks/speed.py --parts bf16)") if found else ""
 
 
 # ============================================================================================== BEAR equations
