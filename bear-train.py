@@ -334,7 +334,8 @@ def dual_loss(log_alpha: torch.Tensor, mmd_value: torch.Tensor, epsilon: float) 
 
 # ============================================================================================== the BEAR update
 ADAM = {"fused": True}  # one kernel per optimiser step, on the CPU and on CUDA
-METRICS = ["vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "mmd", "q_mean"]
+METRICS = ["vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "alpha_at_clamp", "mmd", "q_mean"]
+# alpha_at_clamp: the share of the interval's steps that ended with log alpha at log_alpha_max (docs/differences.md)
 LOSSES = METRICS[:4]
 
 
@@ -416,7 +417,9 @@ class BEAR:
 
             self.step += 1
             losses = torch.stack([vae_loss, critic_loss, actor_loss, alpha_loss]).detach()
-            self.metric_sum += torch.cat([losses, torch.stack([self.log_alpha.exp(), mmd_value.mean(), q.mean()]).detach()])
+            at_clamp = (self.log_alpha >= cfg.log_alpha_max).to(self.log_alpha.dtype)
+            self.metric_sum += torch.cat([losses, torch.stack([self.log_alpha.exp(), at_clamp, mmd_value.mean(),
+                                                               q.mean()]).detach()])
             bad = ~torch.isfinite(losses) & (self.first_nonfinite < 0)
             self.first_nonfinite.copy_(torch.where(bad, self.step, self.first_nonfinite))
 
@@ -1572,7 +1575,7 @@ class Run:
         self.agent = BEAR(cfg, *dims, kernel, device)
         self.state = {"evals": [], "elapsed": 0.0, "train_seconds": 0.0, "trained_steps": 0, "last_log": 0,
                       "csv_offset": None, "eval_wait_seconds": 0.0, "rng_restarts": [],
-                      "resume_changes": []}
+                      "resume_changes": [], "alpha_pinned": None}
         self.queue, self.stop, self.start = [], [], 0
         found = newest_intact_checkpoint(run_dir) if resuming else None
         if found:
@@ -1661,6 +1664,9 @@ class Run:
         state["train_seconds"] += now - self.t_interval
         state["trained_steps"] += step - state["last_log"]
         values = {"step": step} | {k: v / (step - state["last_log"]) for k, v in zip(METRICS, sums)}
+        if values["alpha_at_clamp"] == 1 and state["last_log"] >= self.cfg.warmup_steps and not state["alpha_pinned"]:
+            state["alpha_pinned"] = {"step": step, "mmd": values["mmd"], "epsilon": self.cfg.epsilon}
+            tqdm_write(pinned_line(self.cfg, values["mmd"], state["last_log"], step))
         if self.probe_return is not None:
             with matmul_precision(self.cfg.precision, self.device):
                 values |= q_vs_return(agent.critics, *self.probe, self.probe_return)
@@ -1753,6 +1759,7 @@ class Run:
             "dataset_notes": loaded.notes, "comparable_with_published": loaded.source in ("cache", "download") and not loaded.notes,
             "probe_pairs": len(self.probe[0]), "probe_return": self.probe_return, "q_bound": self.q_bound,
             "rng_restarts": state["rng_restarts"], "resume_changes": state["resume_changes"],
+            "alpha_pinned": state["alpha_pinned"],
             "run_dir": str(self.run_dir),
         }
         write_json(self.run_dir / "results.json", results)
@@ -2126,6 +2133,24 @@ class Busy(UserError):
 CSV_FIELDS = ["step"] + METRICS + PROBE_FIELDS + ["eval_return", "eval_normalized_score"]
 
 
+def pinned_line(cfg: Config, mmd_value: float, start: int, step: int) -> str:
+    """The once-per-run line for a support constraint that cannot be met: alpha held at its upper clamp for a whole
+    logging interval after warm-up, so the actor's loss is alpha (MMD - eps) and its Q term about 1e-4 of it."""
+    return (f"note: α is pinned at e^{cfg.log_alpha_max:g}: the MMD ({mmd_value:.3f}) cannot reach ε "
+            f"({cfg.epsilon:g}); the actor ignores Q (steps {start + 1}-{step}), as in the reference's published runs. "
+            "To let Q in: an ε above the MMD (--epsilon), more --mmd-samples (a lower floor) or the other --kernel "
+            "(docs/differences.md)")
+
+
+def pinned_step(rows: list[dict], warmup: int) -> int | None:
+    """The first logged step ending an interval after warm-up with alpha at its clamp throughout (the rule above)."""
+    for before, row in zip([{"step": 0}] + rows, rows):
+        if int(before["step"]) >= warmup and row.get("alpha_at_clamp") not in (None, "") and \
+                float(row["alpha_at_clamp"]) == 1:
+            return int(row["step"])
+    return None
+
+
 def tag_group(key: str) -> str:
     return "losses" if key in LOSSES else "eval" if key.startswith("eval") else \
         "charts/q_vs_return" if key in PROBE_FIELDS else "charts"
@@ -2224,6 +2249,9 @@ def check_metrics(path: Path, offset: int) -> None:
     lines = head.decode(errors="replace").split("\n")
     if len(head) < offset or lines[-1] != "":
         raise UserError(f"{path} is damaged: shorter than the {offset} bytes the checkpoint holds, or cut there; {fix}")
+    if lines[0] == ",".join(f for f in CSV_FIELDS if f != "alpha_at_clamp"):
+        raise UserError(f"{path} was written by an older bear-train.py, before its alpha_at_clamp column: resume the "
+                        "run with that version, or start it again without --resume")
     if lines[0] != ",".join(CSV_FIELDS):
         raise UserError(f"{path} is damaged: its header is not metrics.csv's; {fix}")
     for i, line in enumerate(lines[1:-1], 2):
@@ -2547,7 +2575,7 @@ def summarize(root: Path, run_dirs: list[Path] | None = None) -> str:
         runs.setdefault(name, []).append(
             {"seed": seed, "evals": evals, "finished": finished, "source": config.get("dataset_source", "?"),
              "raw": raw, "q": q, "return_data": config.get("probe_return"),
-             "q_bound": config.get("q_bound")})
+             "q_bound": config.get("q_bound"), "pinned": pinned_step(rows, int(config.get("warmup_steps", 0)))})
     if not runs:
         raise UserError(f"no runs with an evaluation under {root}; point --summarize at a --log-dir")
     lines = ["| dataset | seeds | steps | final normalised score | best normalised score | final IQM [95 % CI] | "
@@ -2565,6 +2593,9 @@ def summarize(root: Path, run_dirs: list[Path] | None = None) -> str:
             notes.append("Minari data: not comparable with D4RL tables")
         if any(r["raw"] for r in group):
             notes.append("RAW RETURNS: the dataset has no reference scores")
+        if any(r["pinned"] is not None for r in group):
+            notes.append(f"ALPHA PINNED in {sum(r['pinned'] is not None for r in group)} of {len(group)} (at its clamp "
+                         "after warm-up: the actor ignored Q; docs/differences.md)")
         intervals = [f"{iqm(x):.1f} [{lo:.1f}, {hi:.1f}]" for x in (final, best) for lo, hi in [iqm_interval(x)]]
         lines.append(f"| {dataset} | {len(group)} | {'/'.join(map(str, steps))} | {final.mean():.1f} ± {final.std():.1f} | "
                      f"{best.mean():.1f} ± {best.std():.1f} | {intervals[0]} | {intervals[1]} | {'; '.join(notes)} |")

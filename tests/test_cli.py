@@ -51,8 +51,8 @@ def test_reference_command_on_a_cached_file(bear, tmp_path, monkeypatch, capsys)
     assert results["comparable_with_published"] is False
     assert results["wall_clock_seconds"] > 0 and results["train_steps_per_second"] > 0
     rows = (run_dir / "metrics.csv").read_text().splitlines()
-    assert rows[0].split(",") == ["step", "vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "mmd", "q_mean",
-                                  "q_data", "q_data_min", "q_data_max", "return_data", "q_gap", "q_ratio",
+    assert rows[0].split(",") == ["step", "vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "alpha_at_clamp",
+                                  "mmd", "q_mean", "q_data", "q_data_min", "q_data_max", "return_data", "q_gap", "q_ratio",
                                   "eval_return", "eval_normalized_score"]
     assert [r.split(",")[0] for r in rows[1:]] == ["5", "10", "15", "20", "25", "30"] and all(r.split(",")[-1] for r in rows[1:])
     config = json.loads((run_dir / "config.json").read_text())

@@ -13,7 +13,8 @@ import torch
 from conftest import run_main, write_d4rl_file
 
 EIGHT = dict(actor_hidden=8, critic_hidden=8, vae_hidden=8, batch_size=8)  # benchmarks/speed.py's TINY_NETS
-METRICS = ("vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "mmd", "q_mean", "q_data")
+METRICS = ("vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "alpha_at_clamp", "mmd", "q_mean",
+           "q_data")
 
 
 def eager_and_compiled(bear, tmp_path, capsys, monkeypatch, steps, warmup):

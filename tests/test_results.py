@@ -1,5 +1,6 @@
 """What a run shows: TensorBoard events, the curves PNG, and --summarize seed tables across runs. The two runs train
 once, in this process, for the whole module; only the exit codes are taken from bear-train.py's own process."""
+import csv
 import json
 import shutil
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 import launch
-from conftest import SCRIPT, run_main, write_d4rl_file
+from conftest import SCRIPT, TINY_NETS, run_main, write_d4rl_file
 
 SMALL = ["--actor-hidden=32", "--critic-hidden=32", "--vae-hidden=64", "--batch-size=64", "--warmup-steps=20",
          "--log-every=20", "--eval-episodes=2", "--eval-candidates=10", "--gpu=-1", "--max-steps=80",
@@ -44,7 +45,7 @@ def test_each_run_has_tensorboard_events_and_a_curves_png(two_seeds):
         assert png.startswith(b"\x89PNG") and len(png) > 5000
         events = EventAccumulator(str(folder)).Reload()
         tags = events.Tags()
-        for tag in ("losses/critic_loss", "losses/actor_loss", "losses/vae_loss", "losses/alpha_loss", "charts/alpha",
+        for tag in ("losses/critic_loss", "losses/actor_loss", "losses/vae_loss", "losses/alpha_loss", "charts/alpha", "charts/alpha_at_clamp",
                     "charts/mmd", "charts/q_mean", "charts/steps_per_second", "eval/eval_normalized_score",
                     "eval/eval_return", *(f"charts/q_vs_return/{k}" for k in ("q_data", "q_data_min", "q_data_max",
                                                                                "return_data", "q_gap", "q_ratio"))):
@@ -167,3 +168,42 @@ def test_curves_png_is_redrawn_at_the_end_only_when_rows_came_after_the_last_dra
         logger.close()
     # the end draws again only what the last drawing missed, or a curves.png that is gone
     assert drawn == [["20"], ["20"], ["20", "40"], ["20"], ["20"]]
+
+
+@pytest.mark.parametrize("epsilon, pinned", [(0.001, True), (2.0, False)])
+def test_a_run_whose_epsilon_is_below_the_mmds_floor_says_once_that_alpha_is_pinned(bear, tmp_path, capsys, epsilon,
+                                                                                     pinned):
+    """No MMD is below sqrt(1e-6) = 0.001 (the jitter), none above sqrt(2 + 1e-6) < 2. Log alpha starts at its clamp,
+    so the warm-up interval is pinned too: the line waits for a whole interval after warm-up, and comes once."""
+    write_d4rl_file(tmp_path / "hopper_tiny.hdf5", n=500, obs_dim=11, act_dim=3)
+    runs = tmp_path / "runs"
+    code, out, err = run_main(bear, [f"--dataset={tmp_path / 'hopper_tiny.hdf5'}", f"--log-dir={runs}", *TINY_NETS,
+                                     f"--epsilon={epsilon}", "--log-alpha-init=0.05", "--log-alpha-max=0.05",
+                                     "--warmup-steps=10", "--log-every=10", "--max-steps=40", "--eval-every=40",
+                                     "--eval-episodes=1", "--eval-candidates=2", "--probe-size=8", "--gpu=-1",
+                                     "--eval-workers=0", "--threads=1"], capsys)
+    assert code == 0, err
+    lines = [line for line in (out + err).splitlines() if "is pinned" in line]
+    run_dir = runs / "hopper_tiny__seed0"
+    results = json.loads((run_dir / "results.json").read_text())
+    with open(run_dir / "metrics.csv", newline="") as f:
+        shares = [float(row["alpha_at_clamp"]) for row in csv.DictReader(f)]
+    summary = bear.summarize(runs)
+    if pinned:
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("note: α is pinned at e^0.05: the MMD (") and "cannot reach ε (0.001); the actor " \
+            "ignores Q (steps 11-20)" in lines[0] and all(f in lines[0] for f in ("--epsilon", "--mmd-samples", "--kernel"))
+        assert shares == [1, 1, 1, 1]
+        assert results["alpha_pinned"]["step"] == 20 and results["alpha_pinned"]["epsilon"] == 0.001
+        assert results["alpha_pinned"]["mmd"] > 0.001
+        assert "ALPHA PINNED in 1 of 1" in summary
+    else:
+        assert lines == [] and results["alpha_pinned"] is None and max(shares) < 1
+        assert "PINNED" not in summary
+
+
+def test_summarize_counts_alpha_as_pinned_only_for_a_whole_interval_after_warm_up(bear):
+    rows = [{"step": "10", "alpha_at_clamp": "1"}, {"step": "20", "alpha_at_clamp": "0.9"}]
+    assert bear.pinned_step(rows, 10) is None  # pinned in warm-up only, then not for a whole interval
+    assert bear.pinned_step(rows + [{"step": "30", "alpha_at_clamp": "1"}], 10) == 30
+    assert bear.pinned_step([{"step": "10", "alpha_at_clamp": ""}], 0) is None  # a run from before the column
