@@ -277,3 +277,19 @@ def test_the_d3rlpy_actor_gradient_check_runs(tmp_path):
         pytest.skip(f"no d3rlpy interpreter at {python}")
     out = run_benchmark([python, str(ROOT / "benchmarks" / "d3rlpy_actor_gradient.py")], tmp_path)
     assert "Q term alone" in out or "q term" in out.lower(), out
+
+
+def test_the_mmd_floor_benchmark_runs_at_a_tiny_size(tmp_path):
+    write_d4rl_file(tmp_path / "hopper_tiny.hdf5", n=300, obs_dim=11, act_dim=3)
+    out = run_benchmark([sys.executable, str(ROOT / "benchmarks" / "mmd_floor.py"), "--small",
+                         f"--data=hopper={tmp_path / 'hopper_tiny.hdf5'}"], tmp_path)
+    rows = [r for r in table(out) if r[0] != "data"]
+    assert [(r[0], r[1].split()[0], r[2]) for r in rows] == [
+        (data, kernel, n) for data in ("halfcheetah-shaped random-policy", "hopper: hopper_tiny.hdf5",
+                                       "walker2d-shaped random-policy")
+        for kernel in ("laplacian", "gaussian") for n in ("4", "5", "10")]
+    assert [r[1] for r in rows].count("gaussian (the default)") == 1  # halfcheetah's, n = 4
+    for r in rows:
+        measured, predicted, epsilon = float(r[3]), float(r[5]), float(r[8])
+        assert 0 < measured and 0.7 * predicted < measured < 1.1 * predicted, r  # the biased estimator's expectation
+        assert r[9].endswith("ABOVE: alpha is pinned" if measured > epsilon else "below"), r

@@ -33,6 +33,7 @@ DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 SCRIPTS = {"speed.py": ROOT / "benchmarks/speed.py", "sweep.py": ROOT / "benchmarks/sweep.py",
            "minari_local.py": ROOT / "benchmarks/minari_local.py",
            "d3rlpy_actor_gradient.py": ROOT / "benchmarks/d3rlpy_actor_gradient.py",
+           "mmd_floor.py": ROOT / "benchmarks/mmd_floor.py",
            "learning_check.sh": ROOT / "benchmarks/learning_check.sh", "mutations.py": ROOT / "tests/mutations.py"}
 OTHER_TOOLS = ["pip install", "pip download", "ray start", "srun", "#SBATCH", "sbatch", "scontrol", "taskset",
                "tensorboard", "python3 -m venv"]
