@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import difflib
 import http.client
+import itertools
 import json
 import math
 import os
@@ -135,6 +136,9 @@ class Config:
                                    "Ray cluster has GPUs and --gpu is not -1, else 0")
     max_retries: int = hp(3, "a sweep's run whose process or node dies, or that is preempted, is retried this often")
 
+
+GRID_SECTIONS = ("BEAR", "networks and optimisers")  # a sweep takes a comma list for any of their flags
+GRID = [f.name for f in dataclasses.fields(Config) if f.metadata["section"] in GRID_SECTIONS]
 
 # Constants of the algorithm (spec section 1), not meant to be tuned.
 VAE_LOG_STD_RANGE = (-4.0, 15.0)
@@ -1808,8 +1812,23 @@ def check_log_dir(folder: str) -> Path:
     return log_dir
 
 
-def run_folder_name(dataset_name: str, seed: int) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', dataset_name)}__seed{seed}"
+def run_folder_name(dataset_name: str, seed: int, setting: str = "") -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', dataset_name)}__{setting + '__' if setting else ''}seed{seed}"
+
+
+def grid_label(cfg: Config, keys: list[str]) -> str:
+    """The settings that vary in a grid, as a run folder's name carries them: epsilon=0.05,kernel=gaussian."""
+    return ",".join(f"{k.replace('_', '-')}={getattr(cfg, k)}" for k in keys)
+
+
+def changed_setting(saved: dict, cfg: Config) -> str | None:
+    """The first setting of a run's config.json that cfg does not share (those that may change on --resume aside),
+    as "--flag=saved, not new"; None when cfg continues that run."""
+    defaults = dataclasses.asdict(Config())  # a setting the run predates has its default
+    for k, v in dataclasses.asdict(cfg).items():
+        if k not in RESUMABLE and saved.get(k, defaults[k]) != v:
+            return f"--{k.replace('_', '-')}={saved.get(k, defaults[k])}, not {v}"
+    return None
 
 
 @contextlib.contextmanager
@@ -1847,12 +1866,9 @@ def prepare_run_dir(cfg: Config, dataset_name: str) -> tuple[Path, bool]:
     if cfg.resume and base.is_dir() and (base / "config.json").exists():
         saved = read_run_json(base / "config.json", "it holds the run's settings: put back a copy, or start the run "
                                                     "again without --resume")
-        defaults = dataclasses.asdict(Config())  # a setting the run predates has its default
-        changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k, defaults[k]) != v]
+        changed = changed_setting(saved, cfg)
         if changed:
-            k = changed[0]
-            raise UserError(f"--resume: {base} was started with --{k.replace('_', '-')}={saved.get(k, defaults[k])}, not {getattr(cfg, k)}; "
-                            "resume with the run's own settings")
+            raise UserError(f"--resume: {base} was started with {changed}; resume with the run's own settings")
         return base, True
     return base, False  # claimed() moves it to the next free name: never overwrite another run
 
@@ -2187,7 +2203,8 @@ class Logger:
         if cfg.wandb:
             import wandb
 
-            self.wandb = wandb.init(project="bear", name=run_dir.name, dir=str(run_dir), config=dataclasses.asdict(cfg),
+            self.wandb = wandb.init(project="bear", name=run_dir.name, group=run_dir.parent.name,  # a sweep's --log-dir
+                                    dir=str(run_dir), config=dataclasses.asdict(cfg),
                                     resume="allow", id=re.sub(r"[^\w-]", "_", str(run_dir.resolve()))[-64:])
 
     def rows(self) -> list[dict]:
@@ -2268,10 +2285,11 @@ def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
 
 
-def plot_q_vs_return(ax, steps, q, band, data_return: float | None, bound: float | None) -> None:
+def plot_q_vs_return(ax, steps, q, band, data_return: float | None, bound: float | None,
+                     label: str = "critics' Q on the data") -> None:
     """Q on the data's own pairs against the data's Monte-Carlo return of those pairs and the bound r_max/(1-gamma)."""
     if len(steps):
-        ax.plot(steps, q, label="critics' Q on the data")
+        ax.plot(steps, q, label=label)
         ax.fill_between(steps, *band, alpha=0.25)
     if data_return is not None:
         ax.axhline(data_return, color="tab:green", label="data's MC return")
@@ -2546,7 +2564,7 @@ def record_videos(run_dir: Path, cfg: Config, target: EvalTarget, run_cfg: Confi
 def summarize(root: Path, run_dirs: list[Path] | None = None) -> str:
     """Markdown table of final and best normalised score (mean +- std over seeds) per dataset, and a PNG of the
     mean +- std curves per dataset, for every run folder under root (or the given ones: a sweep's)."""
-    runs = {}
+    runs, defaults = {}, dataclasses.asdict(Config())
     configs = sorted(root.rglob("config.json")) if run_dirs is None else [d / "config.json" for d in run_dirs]
     for config_path in configs:
         run_dir = config_path.parent
@@ -2572,40 +2590,63 @@ def summarize(root: Path, run_dirs: list[Path] | None = None) -> str:
         finished = (run_dir / "results.json").exists()
         if finished:
             read_run_json(run_dir / "results.json", "delete it to count the run as unfinished, or " + fix)
-        runs.setdefault(name, []).append(
+        setting = tuple(config.get(k, defaults[k]) for k in GRID)  # from config.json, whatever the folder's name
+        runs.setdefault((name, setting), []).append(
             {"seed": seed, "evals": evals, "finished": finished, "source": config.get("dataset_source", "?"),
              "raw": raw, "q": q, "return_data": config.get("probe_return"),
              "q_bound": config.get("q_bound"), "pinned": pinned_step(rows, int(config.get("warmup_steps", 0)))})
     if not runs:
         raise UserError(f"no runs with an evaluation under {root}; point --summarize at a --log-dir")
-    lines = ["| dataset | seeds | steps | final normalised score | best normalised score | final IQM [95 % CI] | "
-             "best IQM [95 % CI] | notes |", "|---|---|---|---|---|---|---|---|"]
-    for dataset, group in sorted(runs.items()):
-        final = np.array([r["evals"][-1][1] for r in group])
-        best = np.array([max(v for _, v in r["evals"]) for r in group])
-        steps = sorted({r["evals"][-1][0] for r in group})
-        notes = []
-        if any(not r["finished"] for r in group):
-            notes.append(f"{sum(not r['finished'] for r in group)} unfinished (latest evaluation used)")
-        if any(r["source"] == "regenerated" for r in group):
-            notes.append("REGENERATED data: not comparable with published tables")
-        if any(r["source"] == "minari" for r in group):
-            notes.append("Minari data: not comparable with D4RL tables")
-        if any(r["raw"] for r in group):
-            notes.append("RAW RETURNS: the dataset has no reference scores")
-        if any(r["pinned"] is not None for r in group):
-            notes.append(f"ALPHA PINNED in {sum(r['pinned'] is not None for r in group)} of {len(group)} (at its clamp "
-                         "after warm-up: the actor ignored Q; docs/differences.md)")
-        intervals = [f"{iqm(x):.1f} [{lo:.1f}, {hi:.1f}]" for x in (final, best) for lo, hi in [iqm_interval(x)]]
-        lines.append(f"| {dataset} | {len(group)} | {'/'.join(map(str, steps))} | {final.mean():.1f} ± {final.std():.1f} | "
-                     f"{best.mean():.1f} ± {best.std():.1f} | {intervals[0]} | {intervals[1]} | {'; '.join(notes)} |")
-        plot_seed_curves(dataset, group, root / f"summary_{dataset.replace(os.sep, '_')}.png")
+    grid = len({d for d, _ in runs}) < len(runs)  # some dataset has runs of several settings: rank them
+    lines = ["| dataset | " + ("setting | rank | " if grid else "") + "seeds | steps | final normalised score | best "
+             "normalised score | final IQM [95 % CI] | best IQM [95 % CI] | notes |", "|---" * (8 + 2 * grid) + "|"]
+    chosen = []
+    for dataset in sorted({d for d, _ in runs}):
+        settings = {setting: group for (d, setting), group in runs.items() if d == dataset}
+        keys = [k for i, k in enumerate(GRID) if len({setting[i] for setting in settings}) > 1]
+        labels = {setting: ", ".join(f"{k.replace('_', '-')}={v}" for k, v in zip(GRID, setting) if k in keys)
+                  for setting in settings}
+        finals = {setting: np.array([r["evals"][-1][1] for r in group]) for setting, group in settings.items()}
+        ranked = sorted(settings, key=lambda setting: (-iqm(finals[setting]), labels[setting]))  # by final IQM
+        if len(ranked) > 1:
+            chosen.append(f"{dataset}: {labels[ranked[0]]} ranks first, final IQM {iqm(finals[ranked[0]]):.1f}. It was "
+                          "chosen on the same runs' evaluation returns, so that score is optimistic: confirm it on "
+                          "new seeds before reporting it")
+        for rank, setting in enumerate(ranked, 1):
+            mark = f"**{rank} (best)**" if rank == 1 and len(ranked) > 1 else str(rank)
+            lines.append(summary_row(dataset, settings[setting], [labels[setting] or "(one setting)", mark] if grid else []))
+        plot_seed_curves(dataset, {labels[setting]: settings[setting] for setting in ranked},
+                         root / f"summary_{dataset.replace(os.sep, '_')}.png")
     table = "\n".join(lines) + ("\n\nstd over seeds (numpy, ddof=0); final = last evaluation, best = max over evaluations. "
                                  "IQM: the interquartile mean over seeds (a quarter of the seeds, rounded down, cut at "
                                  "each end); 95 % CI: percentile interval of 50 000 stratified bootstrap resamples of "
                                  "the seeds within the dataset (rliable's definitions).\n")
+    table += "".join(f"\n{line}.\n" for line in chosen)
     (root / "summary.md").write_text(table)
     return table
+
+
+def summary_row(dataset: str, group: list[dict], setting: list[str]) -> str:
+    """One row of the summary: the seeds of one (dataset, setting)."""
+    final = np.array([r["evals"][-1][1] for r in group])
+    best = np.array([max(v for _, v in r["evals"]) for r in group])
+    steps = sorted({r["evals"][-1][0] for r in group})
+    notes = []
+    if any(not r["finished"] for r in group):
+        notes.append(f"{sum(not r['finished'] for r in group)} unfinished (latest evaluation used)")
+    if any(r["source"] == "regenerated" for r in group):
+        notes.append("REGENERATED data: not comparable with published tables")
+    if any(r["source"] == "minari" for r in group):
+        notes.append("Minari data: not comparable with D4RL tables")
+    if any(r["raw"] for r in group):
+        notes.append("RAW RETURNS: the dataset has no reference scores")
+    if any(r["pinned"] is not None for r in group):
+        notes.append(f"ALPHA PINNED in {sum(r['pinned'] is not None for r in group)} of {len(group)} (at its clamp "
+                     "after warm-up: the actor ignored Q; docs/differences.md)")
+    intervals = [f"{iqm(x):.1f} [{lo:.1f}, {hi:.1f}]" for x in (final, best) for lo, hi in [iqm_interval(x)]]
+    return (f"| {dataset} | {''.join(c + ' | ' for c in setting)}{len(group)} | {'/'.join(map(str, steps))} | "
+            f"{final.mean():.1f} ± {final.std():.1f} | {best.mean():.1f} ± {best.std():.1f} | {intervals[0]} | "
+            f"{intervals[1]} | {'; '.join(notes)} |")
 
 
 def iqm(scores: np.ndarray) -> np.ndarray:
@@ -2624,24 +2665,30 @@ def iqm_interval(scores: np.ndarray, reps: int = 50_000, seed: int = 0) -> tuple
     return float(lo), float(hi)
 
 
-def plot_seed_curves(dataset: str, group: list[dict], path: Path) -> None:
+def plot_seed_curves(dataset: str, groups: dict[str, list[dict]], path: Path) -> None:
+    """Score and Q on the data, mean ± std over seeds: one curve per setting (label: the settings that vary)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def mean_std(key):  # [seeds, steps] at the steps every seed has -> steps, mean, std over seeds
+    def mean_std(group, key):  # [seeds, steps] at the steps every seed has -> steps, mean, std over seeds
         common = sorted(set.intersection(*[{s for s, _ in r[key]} for r in group]))
         values = np.array([[dict(r[key])[s] for s in common] for r in group]).reshape(len(group), len(common))
         return common, values.mean(0), values.std(0)
 
     fig, (ax, ax_q) = plt.subplots(1, 2, figsize=(12, 4))
-    common, mean, std = mean_std("evals")
-    ax.plot(common, mean, marker="o", markersize=3)
-    ax.fill_between(common, mean - std, mean + std, alpha=0.3)
-    ax.set(title=f"BEAR {dataset}: mean ± std over {len(group)} seeds", xlabel="gradient steps", ylabel="normalised score")
-    common, mean, std = mean_std("q")
-    plot_q_vs_return(ax_q, common, mean, (mean - std, mean + std), group[0]["return_data"], group[0]["q_bound"])
+    for i, (label, group) in enumerate(groups.items()):
+        common, mean, std = mean_std(group, "evals")
+        line, = ax.plot(common, mean, marker="o", markersize=3, label=f"{label} ({len(group)} seeds)" if label else None)
+        ax.fill_between(common, mean - std, mean + std, alpha=0.3 if len(groups) == 1 else 0.15, color=line.get_color())
+        common, mean, std = mean_std(group, "q")
+        plot_q_vs_return(ax_q, common, mean, (mean - std, mean + std), *(
+            [group[0]["return_data"], group[0]["q_bound"]] if i == 0 else [None, None]), label=label or "critics' Q on the data")
+    seeds = "" if len(groups) > 1 else f" over {len(next(iter(groups.values())))} seeds"
+    ax.set(title=f"BEAR {dataset}: mean ± std{seeds}", xlabel="gradient steps", ylabel="normalised score")
+    if len(groups) > 1:
+        ax.legend(fontsize=7)
     ax_q.set(title="Q on the data (mean ± std over seeds) against its return", xlabel="gradient steps")
     for a in (ax, ax_q):
         a.grid(alpha=0.3)
@@ -2753,9 +2800,14 @@ class SweepRun:
 def sweep(cfgs: list[Config]) -> int:
     """Runs every pair; returns 0 when all finished, 1 when any failed; a signal stops every run (checkpointed)."""
     head = cfgs[0]
-    validate(head)
+    for cfg in cfgs:  # every setting of the grid checked before anything starts
+        validate(cfg)
+    varying = [k for k in GRID if len({getattr(c, k) for c in cfgs}) > 1]
+    sizes = [f"{len({c.dataset for c in cfgs})} dataset(s)"] + [
+        f"{k.replace('_', '-')} {', '.join(map(str, dict.fromkeys(getattr(c, k) for c in cfgs)))}" for k in varying]
+    print(f"sweep: {len(cfgs)} runs = {' × '.join(sizes + [f'{len({c.seed for c in cfgs})} seed(s)'])}", flush=True)
     if head.run_name:
-        raise UserError("--run-name names one run; a sweep names each run <dataset>__seed<seed> itself: drop it")
+        raise UserError("--run-name names one run; a sweep names each run <dataset>__[<setting>__]seed<seed> itself: drop it")
     if not head.cpus_per_run > 0:
         raise UserError(f"--cpus-per-run={head.cpus_per_run} must be above 0")
     if head.max_retries < 0:
@@ -2764,7 +2816,7 @@ def sweep(cfgs: list[Config]) -> int:
     log_dir = check_log_dir(head.log_dir).absolute()
     try:
         with file_lock(log_dir / ".sweep.lock", f"running a sweep in {log_dir}", wait=False):
-            return _sweep(cfgs, head, log_dir)
+            return _sweep(cfgs, head, log_dir, varying)
     except Busy as e:
         raise UserError(f"--log-dir={log_dir} is in use: {e}; wait for that sweep to end (the same command then "
                         "continues what is unfinished)") from None
@@ -2773,7 +2825,7 @@ def sweep(cfgs: list[Config]) -> int:
         raise
 
 
-def _sweep(cfgs: list[Config], head: Config, log_dir: Path) -> int:
+def _sweep(cfgs: list[Config], head: Config, log_dir: Path, varying: list[str]) -> int:
     runs, failed_early = [], []
     for dataset in dict.fromkeys(c.dataset for c in cfgs):  # each dataset found or fetched once, by the driver
         group = [c for c in cfgs if c.dataset == dataset]
@@ -2785,10 +2837,10 @@ def _sweep(cfgs: list[Config], head: Config, log_dir: Path) -> int:
             continue
         for c in group:  # absolute paths: the runs start in other folders, or on other machines
             c.log_dir, c.dataset = str(log_dir), c.dataset if spec.url or spec.kind == "minari" else str(spec.path.absolute())
-            folder = log_dir / run_folder_name(spec.name, c.seed)
-            done = (folder / "results.json").exists() and \
-                json.loads((folder / "results.json").read_text()).get("steps") == c.max_steps
-            runs.append(SweepRun(c, folder, log_dir / "sweep-logs" / f"{folder.name}.log", state="done" if done else "waiting"))
+            folder = log_dir / run_folder_name(spec.name, c.seed, grid_label(c, varying))
+            c.run_name = folder.name if varying else ""  # a plain sweep's folders keep the name a run gives itself
+            runs.append(SweepRun(c, folder, log_dir / "sweep-logs" / f"{folder.name}.log",
+                                 state="done" if _finished(folder, c) else "waiting"))
     print(f"sweep: {len(cfgs)} runs ({sum(r.state == 'done' for r in runs)} already finished, {len(failed_early)} "
           f"with bad data) under {log_dir}", flush=True)
     stop = []  # from here on a signal is noted, and the loop stops every run
@@ -2804,6 +2856,17 @@ def _sweep(cfgs: list[Config], head: Config, log_dir: Path) -> int:
     for name, reason in failures:
         print(f"FAILED {name}: {reason}", file=sys.stderr)
     return EXIT_DIVERGED if failures else 0
+
+
+def _finished(folder: Path, cfg: Config) -> bool:
+    """The folder holds this run, trained to its --max-steps. A folder with other settings is not it: the run
+    started there refuses it (exit 2) and leaves it as it is; a damaged one is left to the run to report."""
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+        return json.loads((folder / "results.json").read_text()).get("steps") == cfg.max_steps and \
+            not changed_setting(saved, cfg)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _sweep_on_ray(head: Config, runs: list[SweepRun], log_dir: Path, stop: list, failed_early: int) -> None:
@@ -2990,8 +3053,37 @@ def parse_int(text: str) -> int:
 parse_int.__name__ = "int"  # argparse names the type in its error message
 
 
+def parse_list(kind):
+    """A hyperparameter's value, or a comma list of them for a grid: each value parsed as the single flag's."""
+    def parse(text: str) -> list:
+        values = []
+        for part in text.split(","):
+            try:
+                values.append(kind(part.strip()))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"'{part}' in '{text}' is not {'an' if kind is parse_int else 'a'} "
+                                                 f"{kind.__name__}") from None
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"'{text}' lists a value twice")
+        return values
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def single(kind, name: str):
+    """A flag that a sweep cannot vary: a comma list is refused, naming it."""
+    def parse(text: str):
+        if "," in text:
+            raise argparse.ArgumentTypeError(f"'{text}' is a list, and a sweep cannot vary --{name}: give it one value "
+                                             "(a sweep lists --dataset, --seed and the flags under "
+                                             f"{' and '.join(repr(t) for t in GRID_SECTIONS)} in --help)")
+        return kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> list[Config]:
-    """One Config per (dataset, seed) pair: one for a single run, several for a sweep."""
+    """One Config per (dataset, setting, seed): one for a single run, several for a sweep (the grid's product)."""
     parser = OneLineParser(prog="bear-train.py", description="BEAR (Kumar et al. 2019) on D4RL MuJoCo data.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                            epilog="Documentation: README.md, and docs/ one page per topic: evaluation.md, data.md, "
@@ -3006,14 +3098,19 @@ def parse_args(argv: list[str] | None = None) -> list[Config]:
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
             kind, metavar = lists.get(f.name, ({int: parse_int, float: float, str: str}[f.type], f.type.__name__.upper()))
+            if f.name in GRID:
+                kind, metavar = parse_list(kind), f"{metavar}[,{metavar}...]"
+            elif f.name not in lists and f.name not in ("run_name", "evaluate", "summarize"):  # paths: grid folders
+                kind = single(kind, f.name.replace("_", "-"))
             group.add_argument(*flags, type=kind, default=f.default, help=f.metadata["help"], metavar=metavar)
     values = vars(parser.parse_args(argv))
     given = {a.split("=")[0].replace("_", "-") for a in (sys.argv[1:] if argv is None else argv)}
     if values["evaluate"]:  # defaults of their own: 100 episodes, the run's seed (None until its folder is read)
         values["eval_episodes"] = values["eval_episodes"] if "--eval-episodes" in given else 100
         values["seed"] = values["seed"] if "--seed" in given else None
-    datasets, seeds = (v if isinstance(v, list) else [v] for v in (values["dataset"], values["seed"]))
-    return [Config(**values | {"dataset": d, "seed": s}) for d in datasets for s in seeds]
+    datasets, seeds, *grid = (v if isinstance(v, list) else [v] for v in [values[k] for k in ("dataset", "seed", *GRID)])
+    return [Config(**values | dict(zip(GRID, setting)) | {"dataset": d, "seed": s})
+            for d in datasets for setting in itertools.product(*grid) for s in seeds]
 
 
 def main(argv: list[str] | None = None) -> int:
