@@ -265,3 +265,31 @@ def test_a_runs_cpus_hold_its_training_threads_and_its_evaluation_workers(bear):
         bear.run_cpus(bear.Config(cpus_per_run=4, eval_workers=4), 0)
     args = bear.run_command(bear.Config(), -1, 3, 1)
     assert "--threads=3" in args and "--eval-workers=1" in args
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epsilon=0.05,x"], "argument --epsilon: 'x' in '0.05,x' is not a float"),
+    (["--epsilon=0.05,0.05"], "argument --epsilon: '0.05,0.05' lists a value twice"),
+    (["--mmd-samples=4,5.5"], "'5.5' in '4,5.5' is not an int"),
+    (["--log-dir=a,b"], "a sweep cannot vary --log-dir"),
+    (["--ray-address=a,b"], "a sweep cannot vary --ray-address"),
+    (["--cpus-per-run=1,2"], "a sweep cannot vary --cpus-per-run"),
+    (["--resume=1,2"], "argument --resume"),
+    (["--seed=0-1", "--epsilon=0.05,-1", "--log-dir=grid"], "--epsilon=-1.0 is out of range"),
+])
+def test_bad_grid_lists_are_one_line_exit_2_and_write_nothing(tmp_path, args, message):
+    out = launch.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_grid_is_the_product_of_its_lists(bear):
+    cfgs = bear.parse_args(["--dataset=a.hdf5,b.hdf5", "--seed=0-1", "--epsilon=0.025,0.05,0.1",
+                            "--kernel=laplacian,gaussian"])
+    assert len(cfgs) == 24
+    assert {(c.dataset, c.epsilon, c.kernel, c.seed) for c in cfgs} == {
+        (d, e, k, s) for d in ("a.hdf5", "b.hdf5") for e in (0.025, 0.05, 0.1) for k in ("laplacian", "gaussian")
+        for s in (0, 1)}
+    assert bear.run_folder_name("hopper-random-v2", 0, bear.grid_label(cfgs[0], ["epsilon", "kernel"])) == \
+        "hopper-random-v2__epsilon=0.025,kernel=laplacian__seed0"
+    assert bear.run_folder_name("hopper-random-v2", 0) == "hopper-random-v2__seed0"
