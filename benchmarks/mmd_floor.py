@@ -18,24 +18,17 @@ instead of imitating; and the threshold epsilon. A floor above epsilon means
 that the dual step raises alpha to its clamp whatever the actor does.
 """
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from speed import load_bear  # this folder is on the path when a benchmark is run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = {"halfcheetah": (17, 6), "hopper": (11, 3), "walker2d": (17, 6)}
 SAMPLES = (4, 5, 10)
-
-
-def load_bear():
-    spec = importlib.util.spec_from_file_location("bear_train", ROOT / "bear-train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bear_train"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def random_policy_data(obs_dim: int, act_dim: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
