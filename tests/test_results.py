@@ -207,3 +207,38 @@ def test_summarize_counts_alpha_as_pinned_only_for_a_whole_interval_after_warm_u
     assert bear.pinned_step(rows, 10) is None  # pinned in warm-up only, then not for a whole interval
     assert bear.pinned_step(rows + [{"step": "30", "alpha_at_clamp": "1"}], 10) == 30
     assert bear.pinned_step([{"step": "10", "alpha_at_clamp": ""}], 0) is None  # a run from before the column
+
+
+def fake_run(folder, seed, scores, **setting):
+    """A finished run folder as summarize reads it: config.json and metrics.csv with one evaluation per score."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"seed": seed, "dataset": "hopper_b.hdf5", "dataset_name": "hopper_b",
+                                                    "dataset_source": "d4rl", **setting}))
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["step", "eval_normalized_score", "q_data"])
+        writer.writeheader()
+        writer.writerows({"step": 100 * (i + 1), "eval_normalized_score": s, "q_data": 1.0} for i, s in enumerate(scores))
+    (folder / "results.json").write_text(json.dumps({"steps": 100 * len(scores)}))
+
+
+def test_a_grid_and_a_plain_sweep_in_one_folder_are_grouped_by_their_configs_and_ranked_by_final_iqm(bear, tmp_path,
+                                                                                                      capsys):
+    # a plain sweep (the default epsilon 0.05) and a grid over epsilon, in one --log-dir; the grid's epsilon=0.05
+    # runs and the plain sweep's are one setting. epsilon=0.1 has the best *best* score but the worst final one.
+    # One folder's name lies about its setting: the grouping comes from config.json.
+    fake_run(tmp_path / "hopper_b__seed0", 0, [10, 30])
+    fake_run(tmp_path / "hopper_b__seed1", 1, [10, 32])
+    fake_run(tmp_path / "grid" / "hopper_b__epsilon=0.05__seed2", 2, [10, 34], epsilon=0.05)
+    fake_run(tmp_path / "grid" / "hopper_b__epsilon=0.1__seed0", 0, [90, 20], epsilon=0.1)
+    fake_run(tmp_path / "grid" / "hopper_b__epsilon=0.1__seed1", 1, [90, 22], epsilon=0.1)
+    fake_run(tmp_path / "grid" / "hopper_b__epsilon=0.025__seed0", 0, [10, 25], epsilon=0.025)
+    fake_run(tmp_path / "grid" / "hopper_b__epsilon=0.1__seed9", 1, [10, 26], epsilon=0.025)  # its name is wrong
+    code, out, err = run_main(bear, [f"--summarize={tmp_path}"], capsys)
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("| hopper_b |")]
+    assert [row.split(" | ")[1:4] for row in rows] == [
+        ["epsilon=0.05", "**1 (best)**", "3"], ["epsilon=0.025", "2", "2"], ["epsilon=0.1", "3", "2"]]
+    assert "| 32.0 ± 1.6 | 32.0 ± 1.6 | 32.0 [30.0, 34.0] |" in rows[0]  # 3 seeds: IQM cuts none
+    assert "hopper_b: epsilon=0.05 ranks first, final IQM 32.0. It was chosen on the same runs' evaluation returns, " \
+           "so that score is optimistic" in out
+    assert (tmp_path / "summary_hopper_b.png").read_bytes().startswith(b"\x89PNG")
