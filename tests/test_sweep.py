@@ -112,13 +112,18 @@ def test_a_killed_run_is_retried_and_ends_as_if_never_killed(bear, ray_address, 
     assert "resuming" in (log_dir / "sweep-logs" / "walker2d_a__seed1.log").read_text()
 
 
-def test_a_stopped_driver_continues_with_the_same_command_and_ends_with_four_runs_and_the_table(ray_address, data,
-                                                                                               tmp_path):
-    cmd = sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5", data / "hopper_b.hdf5"], "0-1", 600, 100)
+GRID_FOLDERS = [f"walker2d_a__kernel={k},epsilon={e}__seed{s}" for k in ("gaussian", "laplacian") for e in (0.05, 0.1)
+                for s in (0, 1)]
+
+
+def test_a_stopped_grid_continues_with_the_same_command_and_ends_with_its_eight_runs_ranked(ray_address, data, tmp_path):
+    # a 2 x 2 grid (two kernels, two epsilons) x 2 seeds: 8 runs, two at a time on 2 CPUs
+    cmd = [*sweep_command(ray_address, tmp_path, [data / "walker2d_a.hdf5"], "0-1", 300, 100),
+           "--epsilon=0.05,0.1", "--kernel=laplacian,gaussian"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=ENV)
     deadline = time.time() + 600
-    # two runs at a time on 2 CPUs: stop once two have finished and a third has a checkpoint
+    # stop once two have finished and a third has a checkpoint
     while not (sum((tmp_path / n / "results.json").exists() for n in folders(tmp_path)) >= 2
                and any((tmp_path / n / "checkpoint-000000100.pt").exists() and not (tmp_path / n / "results.json").exists()
                        for n in folders(tmp_path))):
@@ -127,32 +132,47 @@ def test_a_stopped_driver_continues_with_the_same_command_and_ends_with_four_run
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, out + err
+    assert "sweep: 8 runs = 1 dataset(s) × kernel laplacian, gaussian × epsilon 0.05, 0.1 × 2 seed(s)" in out
     assert "Traceback" not in err
     assert "stopped by SIGINT during a sweep" in err
     finished = {n: (tmp_path / n / "results.json").stat().st_mtime_ns for n in folders(tmp_path)
                 if (tmp_path / n / "results.json").exists()}
-    assert 2 <= len(finished) < 4
-    unfinished = [n for n in folders(tmp_path) if n not in finished]
-    assert all(list((tmp_path / n).glob("checkpoint-*.pt")) for n in unfinished if (tmp_path / n).exists())
+    assert 2 <= len(finished) < 8
+    unfinished = [n for n in GRID_FOLDERS if n not in finished]
+    assert all(list((tmp_path / n).glob("checkpoint-*.pt")) for n in unfinished if (tmp_path / n).exists()), \
+        {n: sorted(p.name for p in (tmp_path / n).iterdir()) for n in unfinished if (tmp_path / n).exists()}
     again = run(cmd)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"({len(finished)} already finished" in again.stdout
-    assert folders(tmp_path) == ["hopper_b__seed0", "hopper_b__seed1", "walker2d_a__seed0", "walker2d_a__seed1"]
+    assert folders(tmp_path) == sorted(GRID_FOLDERS)
     for name, mtime in finished.items():  # not run again
         assert (tmp_path / name / "results.json").stat().st_mtime_ns == mtime
-    for name in folders(tmp_path):
-        assert json.loads((tmp_path / name / "results.json").read_text())["steps"] == 600
-    for name in unfinished:  # stopped with a checkpoint, then continued from it
+        assert (tmp_path / "sweep-logs" / f"{name}.log").read_text().count("=== started") == 1
+    finals = {}
+    for name in GRID_FOLDERS:  # each folder holds the setting its name says, and the rest as the command gave it
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        kernel, epsilon = name.split("__")[1].replace("kernel=", "").replace("epsilon=", "").split(",")
+        assert (config["kernel"], config["epsilon"], config["run_name"]) == (kernel, float(epsilon), name)
+        assert (config["max_steps"], config["critic_hidden"], config["mmd_samples"]) == (300, 32, 4)
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert results["steps"] == 300
+        finals.setdefault(name.split("__")[1].replace(",", ", "), []).append(results["final_normalized_score"])
+    for name in unfinished:  # stopped, then continued from its checkpoint or started afresh: each trained once
         log = (tmp_path / "sweep-logs" / f"{name}.log").read_text()
-        assert log.count("=== started") == 2 and "resuming" in log, log
-    # each run said it finished, once, with its scores; then the table of the four
-    assert out.count("finished ") == len(finished) and again.stdout.count("finished ") == 4 - len(finished)
-    assert "final " in again.stdout and "best " in again.stdout
-    table = (tmp_path / "summary.md").read_text()
-    for dataset in ("walker2d_a", "hopper_b"):
-        row = next(line for line in table.splitlines() if line.startswith(f"| {dataset} |"))
-        assert row.count("±") == 2 and "| 2 |" in row  # mean ± std of final and best over 2 seeds
-        assert row in again.stdout
+        assert log.count("=== started") == (2 if "resuming" in log else 1), log
+    assert sum("resuming" in (tmp_path / "sweep-logs" / f"{n}.log").read_text() for n in unfinished) >= 1
+    assert out.count("finished ") == len(finished) and again.stdout.count("finished ") == 8 - len(finished)
+    # the table: one row per setting, ordered by final IQM (of two seeds, their mean), the first marked
+    rows = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| walker2d_a |")]
+    labels = [row.split(" | ")[1] for row in rows]
+    assert sorted(labels) == sorted(finals)
+    assert [row.split(" | ")[2] for row in rows] == ["**1 (best)**", "2", "3", "4"]
+    means = [sum(finals[label]) / 2 for label in labels]
+    assert means == sorted(means, reverse=True)
+    for label, row in zip(labels, rows):
+        assert f"| 2 | 300 | {sum(finals[label]) / 2:.1f} ± " in row and row in again.stdout
+    assert f"walker2d_a: {labels[0]} ranks first" in again.stdout and "optimistic" in again.stdout
+    assert (tmp_path / "summary_walker2d_a.png").exists()
 
 
 def test_a_bad_pair_fails_alone_with_its_reason(ray_address, data, tmp_path):
@@ -278,7 +298,8 @@ def test_a_runs_cpus_hold_its_training_threads_and_its_evaluation_workers(bear):
     (["--seed=0-1", "--epsilon=0.05,-1", "--log-dir=grid"], "--epsilon=-1.0 is out of range"),
 ])
 def test_bad_grid_lists_are_one_line_exit_2_and_write_nothing(tmp_path, args, message):
-    out = launch.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=tmp_path)
+    out = launch.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=tmp_path,
+                     timeout=60)  # a list checked too late starts the sweep: TimeoutExpired, not a hang
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
     assert list(tmp_path.iterdir()) == []
 
