@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.adam import adam as adam_function
 
 
 SECTIONS = []  # Config's sections in order: --help groups its flags under them
@@ -71,7 +72,8 @@ class Config:
     threads: int = hp(0, "torch CPU threads; 0 = torch's default")
     precision: str = hp("fp32", "matrix multiplies in fp32, or bf16 (bf16 inputs, float32 accumulation; the equations, "
                                 "weights and optimiser states stay float32): fast on AMX/AVX512-BF16 CPUs and GPUs")
-    compile: bool = hp(False, "torch.compile the update (graph breaks at every backward and optimiser step: docs/gpu-and-precision.md)")
+    compile: bool = hp(False, "torch.compile the update into one graph per phase: faster on the CPU, above all in bf16, "
+                              "after about 30 s of compiling a phase (docs/gpu-and-precision.md)")
     run_name: str = hp("", "name of the run folder; empty = <dataset>__seed<seed>")
     resume: bool = hp(False, "continue the run in its folder from the newest checkpoint")
     checkpoint_every: int = hp(5_000, "steps between checkpoints; also at the end and on SIGTERM/SIGINT")
@@ -337,10 +339,20 @@ def dual_loss(log_alpha: torch.Tensor, mmd_value: torch.Tensor, epsilon: float) 
 
 
 # ============================================================================================== the BEAR update
-ADAM = {"fused": True}  # one kernel per optimiser step, on the CPU and on CUDA
 METRICS = ["vae_loss", "critic_loss", "actor_loss", "alpha_loss", "alpha", "alpha_at_clamp", "mmd", "q_mean"]
 # alpha_at_clamp: the share of the interval's steps that ended with log alpha at log_alpha_max (docs/differences.md)
 LOSSES = METRICS[:4]
+
+
+def adam_with_state(params, lr: float) -> torch.optim.Adam:
+    """torch's Adam with its state made at once, as its first step would make it (zero moments, step 0 as a
+    float32 tensor): a compiled step then finds every tensor it updates in place."""
+    opt = torch.optim.Adam(params, lr=lr, fused=True)
+    for p in opt.param_groups[0]["params"]:
+        opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    return opt
 
 
 class BEAR:
@@ -355,18 +367,21 @@ class BEAR:
         self.target_critics.requires_grad_(False)
         self.polyak_pairs = (list(self.target_critics.parameters()), list(self.critics.parameters()))
         self.log_alpha = torch.tensor(cfg.log_alpha_init, device=device, requires_grad=True)
-        self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=cfg.vae_lr, **ADAM)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr, **ADAM)
-        self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=cfg.critic_lr, **ADAM)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr, **ADAM)
+        # torch's Adam objects hold the moments and the checkpoints' format; adam_step() applies them (below)
+        self.vae_opt = adam_with_state(self.vae.parameters(), cfg.vae_lr)
+        self.actor_opt = adam_with_state(self.actor.parameters(), cfg.actor_lr)
+        self.critic_opt = adam_with_state(self.critics.parameters(), cfg.critic_lr)
+        self.alpha_opt = adam_with_state([self.log_alpha], cfg.alpha_lr)
         # Device-side bookkeeping, read back once per logging interval: no host sync inside update().
         self.step = torch.zeros((), dtype=torch.long, device=device)
         self.metric_sum = torch.zeros(len(METRICS), device=device)
         self.first_nonfinite = torch.full((len(LOSSES),), -1, dtype=torch.long, device=device)
-        if cfg.compile:  # the compiled update draws the eager update's random numbers: the same run, faster or not
+        if cfg.compile:  # one graph per phase: torch.autograd.grad traced; the eager update's random numbers
             import torch._inductor.config as inductor_config
 
+            torch._dynamo.config.trace_autograd_ops = True
             inductor_config.fallback_random = True
+            self.mark_static()
         self.step_fn = torch.compile(self._update, mode="reduce-overhead" if device.type == "cuda" else None) \
             if cfg.compile else self._update
 
@@ -380,9 +395,7 @@ class BEAR:
 
         # 1. behaviour model: MSE(tanh(dec(s, z)), a) + 0.5 KL
         vae_loss = self.vae.loss(s, a, cfg.vae_kl_weight)
-        self.vae_opt.zero_grad(set_to_none=True)
-        vae_loss.backward()
-        self.vae_opt.step()
+        self.adam_step(self.vae_opt, vae_loss)
 
         # 2. critic target from N_t actions of the current actor at s'
         with torch.no_grad():
@@ -392,9 +405,7 @@ class BEAR:
         # 3. critics: sum_k mean_B (Q_k(s, a) - y)^2
         q = self.critics(s, a)  # [K, B]
         critic_loss = (q - y).pow(2).mean(1).sum()
-        self.critic_opt.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        self.critic_opt.step()
+        self.adam_step(self.critic_opt, critic_loss)
 
         # 4. actor: alpha (MMD - eps), plus -Q_hat after warm-up; n samples for the MMD and one more for Q
         u = self.actor.sample(s, cfg.mmd_samples + 1)  # [B, n+1, A] pre-tanh
@@ -404,13 +415,9 @@ class BEAR:
         alpha = self.log_alpha.detach().exp()
         actor_loss = (alpha * (mmd_value - cfg.epsilon)).mean()
         if not warmup:  # a Python bool from the step counter, not a tensor value
-            self.critics.requires_grad_(False)  # input gradients only; the critics' parameters get none
-            q_pi = self.critics(s, torch.tanh(u[:, -1]))  # [K, B]
-            self.critics.requires_grad_(True)
+            q_pi = self.critics(s, torch.tanh(u[:, -1]))  # [K, B]; the gradient goes to the actor's parameters only
             actor_loss = actor_loss - actor_q_term(q_pi, cfg.actor_q, cfg.var_penalty).mean()
-        self.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_opt.step()
+        self.adam_step(self.actor_opt, actor_loss)
 
         # 5. dual step on log alpha with the actor's MMD (detached), then the clamp
         alpha_loss = self.dual_step(mmd_value)
@@ -429,12 +436,24 @@ class BEAR:
 
     def dual_step(self, mmd_value: torch.Tensor) -> torch.Tensor:
         alpha_loss = dual_loss(self.log_alpha, mmd_value, self.cfg.epsilon)
-        self.alpha_opt.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.alpha_opt.step()
+        self.adam_step(self.alpha_opt, alpha_loss)
         with torch.no_grad():
             self.log_alpha.clamp_(self.cfg.log_alpha_min, self.cfg.log_alpha_max)
         return alpha_loss
+
+    def adam_step(self, opt: torch.optim.Adam, loss: torch.Tensor) -> None:
+        """One Adam step on opt's parameters, whose gradient is that of loss alone (torch.autograd.grad: no .grad
+        fields, no toggles). torch's own Adam as a function, on the optimiser's state: fused, one kernel, eager;
+        foreach and capturable (step counts as tensors) under --compile, which traces it into the step's graph."""
+        group, params = opt.param_groups[0], opt.param_groups[0]["params"]
+        grads = list(torch.autograd.grad(loss, params))
+        states = [opt.state[p] for p in params]
+        compiled = torch.compiler.is_compiling()
+        with torch.no_grad():
+            adam_function(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
+                          [st["step"] for st in states], foreach=compiled, fused=not compiled, capturable=compiled,
+                          amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
+                          weight_decay=0.0, eps=group["eps"], maximize=False)
 
     @torch.no_grad()
     def act(self, s: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -458,6 +477,17 @@ class BEAR:
         with torch.no_grad():
             for name in ("log_alpha", "step", "metric_sum", "first_nonfinite"):
                 getattr(self, name).copy_(state[name])
+        if self.cfg.compile:
+            self.mark_static()  # the optimisers' loaded states are new tensors
+
+    def mark_static(self) -> None:
+        """Every tensor the compiled step updates in place, at a fixed address: a CUDA graph (reduce-overhead)
+        then captures the step whole instead of skipping it for mutated inputs (tests/test_compile.py)."""
+        states = [t for opt in (self.vae_opt, self.actor_opt, self.critic_opt, self.alpha_opt)
+                  for state in opt.state.values() for t in state.values()]
+        for t in [*states, *self.target_critics.parameters(), self.log_alpha, self.step, self.metric_sum,
+                  self.first_nonfinite]:
+            torch._dynamo.mark_static_address(t)
 
 
 # ============================================================================================== evaluation

@@ -275,6 +275,9 @@ def float64_agent(bear, cfg, kernel):
         module.double()  # the Parameters stay the same objects: the optimisers and Polyak pairs follow
     agent.log_alpha.data = agent.log_alpha.data.double()
     agent.metric_sum = agent.metric_sum.double()
+    for opt in (agent.vae_opt, agent.actor_opt, agent.critic_opt, agent.alpha_opt):  # the moments, made at once
+        for state in opt.state.values():
+            state["exp_avg"], state["exp_avg_sq"] = state["exp_avg"].double(), state["exp_avg_sq"].double()
     return agent
 
 
@@ -326,7 +329,7 @@ def test_the_update_is_the_spec_step_by_step(bear, k, kernel, actor_q):
         compare(agent, reference, metrics_script, metrics_reference)
 
 
-def test_a_new_agent_starts_with_targets_equal_to_its_critics_and_optimisers_without_state(bear):
+def test_a_new_agent_starts_with_targets_equal_to_its_critics_and_optimisers_at_zero(bear):
     """The reference update above loads the agent's state; this is the state a run starts from."""
     cfg = bear.Config(num_critics=3, actor_hidden=8, critic_hidden=8, vae_hidden=8, log_alpha_init=0.5)
     agent = bear.BEAR(cfg, S, A, "laplacian", torch.device("cpu"))
@@ -336,8 +339,13 @@ def test_a_new_agent_starts_with_targets_equal_to_its_critics_and_optimisers_wit
         assert torch.equal(online[name], target[name]), name
         assert online[name].data_ptr() != target[name].data_ptr(), f"{name}: a copy, not the same storage"
     assert not torch.equal(*agent.critics.weights[0][:2]), "the K critics start from different weights"
-    for name in ("vae_opt", "actor_opt", "critic_opt", "alpha_opt"):
-        assert not getattr(agent, name).state, f"{name} holds state before the first step"
+    for name in ("vae_opt", "actor_opt", "critic_opt", "alpha_opt"):  # Adam's state as its first step makes it
+        opt = getattr(agent, name)
+        assert list(opt.state) == opt.param_groups[0]["params"], name
+        for p, state in opt.state.items():
+            assert state["step"].dtype == torch.float32 and float(state["step"]) == 0, name
+            assert not state["exp_avg"].any() and not state["exp_avg_sq"].any(), name
+            assert state["exp_avg"].shape == state["exp_avg_sq"].shape == p.shape, name
     assert agent.log_alpha.item() == 0.5 and int(agent.step) == 0
 
 
