@@ -4,6 +4,7 @@
     python benchmarks/speed.py --parts update d3rlpy flops
     python benchmarks/speed.py --parts regen        # regenerate a 1M-step random dataset, 1 then 2 workers (~5 min)
     python benchmarks/speed.py --device=cuda --parts device   # every GPU figure in one go
+    python benchmarks/speed.py --parts compile      # compiled against eager, fp32 and bf16 (about 2 minutes)
     python benchmarks/speed.py --parts evalpool     # evaluation in a pool against none and against in-process
     python benchmarks/speed.py --parts evalpool --pool-variants off pool --pool-rounds 3   # one ratio, A B A B
     python benchmarks/speed.py --small --parts ...  # a tiny version of any part (the test suite runs each so)
@@ -26,6 +27,9 @@ Parts:
            one core with 1 thread, the evaluation pool on the other (CPU affinities), against the same run with
            evaluation off (one evaluation, at the end) and with --eval-workers=0; wall-time ratios (--pool-rounds:
            each variant that many times, alternating; --pool-variants: some of them)
+  compile  --compile against eager, A B alternating in one run, in fp32 and (where the CPU has bf16 instructions)
+           bf16; the fraction of the fp32 arithmetic limit each reaches; seconds from a new agent to its first
+           compiled update with a cold and a warm inductor cache; aten operators per update, eager and compiled
   device   every figure of --device (cuda:0 on a GPU machine) in one go: eager updates/s at K=2 batch 256, K=10,
            batch 1024; --compile against eager; d3rlpy 2.8.1 on the same device; one evaluation; the operations and
            kernels per update (profiler); the seed command end to end for 4 x --steps steps with the evaluation pool
@@ -340,11 +344,12 @@ def worker_eval(args) -> dict:
 
 
 def worker_launches(args) -> dict:
-    """Operators (aten calls, every level) and, on CUDA, kernels that one post-warm-up update launches (profiler)."""
+    """Operators (aten calls, every level) and, on CUDA, kernels that one post-warm-up update launches (profiler);
+    --compile=1: of the compiled update, whose fused loops inductor runs as kernels of its own, which call no aten."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    bear, agent = make_agent(args, **{} if args.tiny else {"batch_size": args.batch})
+    bear, agent = make_agent(args, compile=bool(args.compile), **{} if args.tiny else {"batch_size": args.batch})
     buffer = bear.ReplayBuffer(synthetic(10_000), agent.device)
     cuda = agent.device.type == "cuda"
     for _ in range(3):
@@ -410,8 +415,22 @@ def worker_regen(args) -> dict:
             "sha256": digest.hexdigest()}
 
 
+def worker_first_step(args) -> dict:
+    """Seconds from a new agent to the end of its first compiled update (post-warm-up), then of the second; the
+    inductor cache is TORCHINDUCTOR_CACHE_DIR, cold or warm as the driver chooses."""
+    t = time.perf_counter()
+    bear, agent = make_agent(args, compile=True, **{} if args.tiny else {"batch_size": args.batch})
+    buffer = bear.ReplayBuffer(synthetic(10_000), agent.device)
+    times = []
+    for _ in range(2):
+        agent.update(buffer.sample(agent.cfg.batch_size), False)
+        agent.metric_sum.tolist()
+        times.append(time.perf_counter() - t)
+    return {"first": times[0], "second": times[1] - times[0]}
+
+
 WORKERS = {"flops": worker_flops, "d3flops": worker_d3flops, "eval": worker_eval, "data": worker_data,
-           "regen": worker_regen, "launches": worker_launches}
+           "regen": worker_regen, "launches": worker_launches, "first_step": worker_first_step}
 STEPPERS = {"bear": bear_stepper, "d3rlpy": d3rlpy_stepper, "matmuls": flops_stepper, "optim": optim_stepper}
 
 
@@ -486,7 +505,8 @@ def row(name, value, note=""):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = ["update", "d3rlpy", "flops", "scaling", "script", "eval", "data", "regen", "evalpool", "device", "bf16"]
+    parts = ["update", "d3rlpy", "flops", "scaling", "script", "eval", "data", "regen", "evalpool", "device", "bf16",
+             "compile"]
     p.add_argument("--parts", nargs="+", default=parts[:7], choices=parts)
     p.add_argument("--rounds", type=int, default=15, help="A B rounds; medians are reported")
     p.add_argument("--block", type=int, default=10, help="updates per timed block in the A B rounds")
@@ -644,6 +664,8 @@ def main():
         evalpool_part(args, tiny)
     if "bf16" in args.parts:
         bf16_part(args, tiny)
+    if "compile" in args.parts:
+        compile_part(args, tiny)
     if "device" in args.parts:
         device_part(args, tiny)
 
@@ -777,6 +799,69 @@ def bf16_part(args, tiny) -> None:
             f"d3rlpy {median['d3rlpy']:.1f} steps/s")
     else:
         row("d3rlpy 2.8.1 BEAR", "skipped", f"no interpreter at {args.d3rlpy_python} (see README)")
+
+
+def has_bf16() -> bool:
+    return any(flag in cpu_flags().split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def compile_part(args, tiny) -> None:
+    """--compile against eager, A B alternating in one run: fp32, and bf16 where the CPU has bf16 instructions; the
+    fp32 arithmetic limit; the time to the first compiled step with a cold and a warm inductor cache; operators per
+    update, eager and compiled. Everything after the cold start compiles into the cache that start filled."""
+    batch, bf16 = 8 if tiny else 256, has_bf16() and not tiny  # --small: fp32 only, one compile fewer for the suite
+    with tempfile.TemporaryDirectory() as cache, patched_environ(TORCHINDUCTOR_CACHE_DIR=cache):
+        cold, warm = spawn("first_step", tiny=tiny), spawn("first_step", tiny=tiny)  # an empty cache, then filled
+        servers = {"eager fp32": Server("bear", tiny=tiny), "compiled fp32": Server("bear", tiny=tiny, compile=1,
+                                                                                    warmup=3),
+                   "fp32 matmuls": Server("matmuls", batch=batch)}
+        if bf16:
+            servers |= {"eager bf16": Server("bear", tiny=tiny, precision="bf16"),
+                        "compiled bf16": Server("bear", tiny=tiny, precision="bf16", compile=1, warmup=3)}
+        names = list(servers)
+        rate = {name: [] for name in names}
+        ready(*servers.values())
+        for r in range(args.rounds):  # A B A B ..., rotating which goes first
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                rate[name].append(servers[name].steps_per_s(args.block))
+        for server in servers.values():
+            server.close()
+        eager_ops, compiled_ops = spawn("launches", tiny=tiny), spawn("launches", tiny=tiny, compile=1)
+
+    def paired(a, b, form="{:.2f}x"):
+        return form.format(statistics.median(x / y for x, y in zip(rate[a], rate[b])))
+
+    how, no_bf16 = (f"median of {args.rounds} blocks of {args.block} post-warm-up updates, A B alternating",
+                    "skipped in --small" if tiny else f"skipped: this CPU has no bf16 instructions ({cpu_flags()})")
+    for name in ("eager fp32", "compiled fp32", "eager bf16", "compiled bf16"):
+        row(f"BEAR update, {name} (steps/s)", f"{statistics.median(rate[name]):.1f}" if name in rate else no_bf16, how)
+    row("compiled over eager, fp32", paired("compiled fp32", "eager fp32"), "median of the per-round ratios")
+    row("compiled over eager, bf16", paired("compiled bf16", "eager bf16") if bf16 else no_bf16,
+        "median of the per-round ratios")
+    row("compiled bf16 over eager fp32", paired("compiled bf16", "eager fp32") if bf16 else no_bf16,
+        "median of the per-round ratios")
+    row("fp32 arithmetic limit (steps/s)", f"{statistics.median(rate['fp32 matmuls']):.1f}",
+        "a step's matmuls alone, back to back, in blocks between the update blocks")
+    for name in ("eager fp32", "compiled fp32"):
+        row(f"{name}: fraction of that limit", paired(name, "fp32 matmuls", "{:.0%}"), "median of the per-round ratios")
+    row("new agent to the end of its first compiled update, cold inductor cache (s)", f"{cold['first']:.1f}",
+        f"a fresh process and an empty cache; its second update then took {cold['second'] * 1e3:.0f} ms")
+    row("the same, warm inductor cache (s)", f"{warm['first']:.1f}", "a fresh process, the cache the run above filled")
+    row("operators per update, eager (aten calls)", eager_ops["aten_calls"], "one post-warm-up update, profiler")
+    row("operators per update, compiled (aten calls)", compiled_ops["aten_calls"],
+        "the rest of the step runs in inductor's own fused loops, which call no aten operator")
+
+
+@contextlib.contextmanager
+def patched_environ(**env):
+    """os.environ with env added, for the worker processes started inside."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
 def children(pid: int) -> list[int]:

@@ -23,7 +23,7 @@ from conftest import ROOT, write_d4rl_file
 # part with two of its four variants, which differ only in pool_run's flags and cores (checked for all four below)
 SPEED_PARTS = {"update d3rlpy flops": 8, "scaling": 2, "script eval data": 4, "regen": 3,
                "evalpool --pool-variants off pool": 3, "device": 9,
-               "bf16": 6}  # rows expected: update 1, d3rlpy 1 more (skipped without its venv), flops 6 more, ...
+               "bf16": 6, "compile": 14}  # rows expected: update 1, d3rlpy 1 more (skipped without its venv), flops 6 more, ...
 
 
 def learning_check(folder):
@@ -109,6 +109,7 @@ class Background:
                 self.stop(proc)
 
 
+FIRST = ("speed device", "speed compile")  # the longest, started first
 COMMAND_OF_TEST = {"test_the_sweep_benchmark_runs_at_a_tiny_size": "sweep",
                    "test_the_minari_benchmark_runs_at_a_tiny_size": "minari",
                    "test_the_learning_check_runs_at_a_tiny_size": "learning check"}
@@ -125,9 +126,9 @@ def background(request, tmp_path_factory):
     """The commands of this module's selected tests, started with its first test, whichever that is, so that they
     run while the first tests do."""
     wanted = {command_of(item) for item in request.session.items if item.module is request.module}
-    # in the order of the tests, but the device part, the longest, first: started in its turn, it ran while its
-    # test waited, up to 58 s (a fresh-clone run, 2026-12-04)
-    names = sorted((name for name in COMMANDS if name in wanted), key=lambda name: name != "speed device")
+    # in the order of the tests, but the device and compile parts, the longest, first: started in its turn, the
+    # device part ran while its test waited, up to 58 s (a fresh-clone run, 2026-12-04), the compile part 113 s
+    names = sorted((name for name in COMMANDS if name in wanted), key=lambda name: name not in FIRST)
     runner = Background(names, {name: tmp_path_factory.mktemp(name.replace(" ", "_")) for name in names})
     yield runner
     runner.close()
