@@ -161,7 +161,12 @@ def test_a_stopped_grid_continues_with_the_same_command_and_ends_with_its_eight_
         log = (tmp_path / "sweep-logs" / f"{name}.log").read_text()
         assert log.count("=== started") == (2 if "resuming" in log else 1), log
     assert sum("resuming" in (tmp_path / "sweep-logs" / f"{n}.log").read_text() for n in unfinished) >= 1
-    assert out.count("finished ") == len(finished) and again.stdout.count("finished ") == 8 - len(finished)
+    # a run can write its results just before the Ctrl-C and never be reported by the first driver: the second
+    # counts it as already finished and reports only the rest
+    printed = [line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("finished ")]
+    printed_again = [line.split()[1].rstrip(":") for line in again.stdout.splitlines() if line.startswith("finished ")]
+    assert set(printed) <= set(finished) and len(printed) == len(set(printed)), out
+    assert sorted(printed_again) == sorted(unfinished), again.stdout
     # the table: one row per setting, ordered by final IQM (of two seeds, their mean), the first marked
     rows = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| walker2d_a |")]
     labels = [row.split(" | ")[1] for row in rows]
