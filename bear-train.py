@@ -355,6 +355,11 @@ def adam_with_state(params, lr: float) -> torch.optim.Adam:
     return opt
 
 
+def compile_mode(device: torch.device) -> str | None:
+    """--compile's mode: on CUDA the step captured whole as a CUDA graph (reduce-overhead), else inductor's default."""
+    return "reduce-overhead" if device.type == "cuda" else None
+
+
 class BEAR:
     def __init__(self, cfg: Config, state_dim: int, action_dim: int, kernel: str, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -382,8 +387,7 @@ class BEAR:
             torch._dynamo.config.trace_autograd_ops = True
             inductor_config.fallback_random = True
             self.mark_static()
-        self.step_fn = torch.compile(self._update, mode="reduce-overhead" if device.type == "cuda" else None) \
-            if cfg.compile else self._update
+        self.step_fn = torch.compile(self._update, mode=compile_mode(device)) if cfg.compile else self._update
 
     def update(self, batch, warmup: bool) -> None:
         with matmul_precision(self.cfg.precision, self.device):

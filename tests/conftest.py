@@ -20,12 +20,6 @@ def load_script():
     return sys.modules["bear_train"]
 
 
-def pytest_collection_modifyitems(items):
-    """tests/test_compile.py first: it compiles the update at the speed benchmark's --small sizes, so that the
-    benchmark's compiled server, later, finds inductor's cache of compiled graphs filled (tests/test_compile.py)."""
-    items.sort(key=lambda item: item.path.name != "test_compile.py")  # a stable sort: otherwise the usual order
-
-
 @pytest.fixture(scope="session")
 def bear():
     return load_script()
