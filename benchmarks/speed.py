@@ -494,6 +494,21 @@ def ready(*servers) -> None:
         server.ready()
 
 
+def alternated(args, blocks: dict) -> dict:
+    """blocks: name -> (server, fixed batch or not). Once every server has loaded, times each block args.rounds
+    times, A B A B ..., rotating which goes first, then closes the servers. Returns name -> steps/s, one per round."""
+    names, servers = list(blocks), list({id(server): server for server, _ in blocks.values()}.values())
+    rate = {name: [] for name in names}
+    ready(*servers)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            server, fixed = blocks[name]
+            rate[name].append(server.steps_per_s(args.block, fixed))
+    for server in servers:
+        server.close()
+    return rate
+
+
 def quartiles(xs) -> str:
     q = statistics.quantiles(xs, n=4)
     return f"{q[0]:.2f}-{q[2]:.2f}"
@@ -563,13 +578,7 @@ def main():
             servers["matmuls"] = Server("matmuls", batch=8 if tiny else 256)
             servers["optim"], servers["tiny"] = Server("optim", tiny=tiny), Server("bear", tiny=1)
             blocks += [("matmuls", False), ("optim", False), ("tiny", False)]
-        rate = {name: [] for name, _ in blocks}
-        ready(*servers.values())
-        for r in range(args.rounds):  # A B A B ..., rotating which goes first
-            for name, fixed in blocks[r % len(blocks):] + blocks[:r % len(blocks)]:
-                rate[name].append(servers[name.split()[0]].steps_per_s(args.block, fixed))
-        for server in servers.values():
-            server.close()
+        rate = alternated(args, {name: (servers[name.split()[0]], fixed) for name, fixed in blocks})
         how = f"median of {args.rounds} blocks of {args.block} updates"
         ours = statistics.median(rate["ours"])
         row("BEAR update, K=2, batch 256 (steps/s)", f"{ours:.1f}", f"{how}, middle half {quartiles(rate['ours'])}")
@@ -771,14 +780,7 @@ def bf16_part(args, tiny) -> None:
                "bf16 matmuls": Server("matmuls", batch=8 if tiny else 256, precision="bf16")}
     if Path(args.d3rlpy_python).exists():
         servers["d3rlpy"] = Server("d3rlpy", python=args.d3rlpy_python, batch=8 if tiny else 256)
-    names = list(servers)
-    rate = {name: [] for name in names}
-    ready(*servers.values())
-    for r in range(args.rounds):  # A B A B ..., rotating which goes first
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            rate[name].append(servers[name].steps_per_s(args.block))
-    for server in servers.values():
-        server.close()
+    rate = alternated(args, {name: (server, False) for name, server in servers.items()})
     median = {name: statistics.median(v) for name, v in rate.items()}
     how = f"median of {args.rounds} blocks of {args.block} updates, A B alternating"
     row("BEAR update, fp32 (steps/s)", f"{median['fp32']:.1f}", how)
@@ -818,14 +820,7 @@ def compile_part(args, tiny) -> None:
         if bf16:
             servers |= {"eager bf16": Server("bear", tiny=tiny, precision="bf16"),
                         "compiled bf16": Server("bear", tiny=tiny, precision="bf16", compile=1, warmup=3)}
-        names = list(servers)
-        rate = {name: [] for name in names}
-        ready(*servers.values())
-        for r in range(args.rounds):  # A B A B ..., rotating which goes first
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                rate[name].append(servers[name].steps_per_s(args.block))
-        for server in servers.values():
-            server.close()
+        rate = alternated(args, {name: (server, False) for name, server in servers.items()})
         eager_ops, compiled_ops = spawn("launches", tiny=tiny), spawn("launches", tiny=tiny, compile=1)
 
     def paired(a, b, form="{:.2f}x"):
