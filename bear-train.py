@@ -355,11 +355,6 @@ def adam_with_state(params, lr: float) -> torch.optim.Adam:
     return opt
 
 
-def compile_mode(device: torch.device) -> str | None:
-    """--compile's mode: on CUDA the step captured whole as a CUDA graph (reduce-overhead), else inductor's default."""
-    return "reduce-overhead" if device.type == "cuda" else None
-
-
 class BEAR:
     def __init__(self, cfg: Config, state_dim: int, action_dim: int, kernel: str, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -381,13 +376,7 @@ class BEAR:
         self.step = torch.zeros((), dtype=torch.long, device=device)
         self.metric_sum = torch.zeros(len(METRICS), device=device)
         self.first_nonfinite = torch.full((len(LOSSES),), -1, dtype=torch.long, device=device)
-        if cfg.compile:  # one graph per phase: torch.autograd.grad traced; the eager update's random numbers
-            import torch._inductor.config as inductor_config
-
-            torch._dynamo.config.trace_autograd_ops = True
-            inductor_config.fallback_random = True
-            self.mark_static()
-        self.step_fn = torch.compile(self._update, mode=compile_mode(device)) if cfg.compile else self._update
+        self.step_fn = compiled_update(self) if cfg.compile else self._update
 
     def update(self, batch, warmup: bool) -> None:
         with matmul_precision(self.cfg.precision, self.device):
@@ -482,16 +471,37 @@ class BEAR:
             for name in ("log_alpha", "step", "metric_sum", "first_nonfinite"):
                 getattr(self, name).copy_(state[name])
         if self.cfg.compile:
-            self.mark_static()  # the optimisers' loaded states are new tensors
+            mark_static(self)  # the optimisers' loaded states are new tensors
 
-    def mark_static(self) -> None:
-        """Every tensor the compiled step updates in place, at a fixed address: a CUDA graph (reduce-overhead)
-        then captures the step whole instead of skipping it for mutated inputs (tests/test_compile.py)."""
-        states = [t for opt in (self.vae_opt, self.actor_opt, self.critic_opt, self.alpha_opt)
-                  for state in opt.state.values() for t in state.values()]
-        for t in [*states, *self.target_critics.parameters(), self.log_alpha, self.step, self.metric_sum,
-                  self.first_nonfinite]:
-            torch._dynamo.mark_static_address(t)
+
+# ---------------------------------------------------------------------------------------------- the compiled step
+# --compile: the update as one graph per phase (warm-up, then with the Q term) with no graph break. Each loss's
+# gradient is torch.autograd.grad, which dynamo traces, and Adam is torch's function on the optimisers' state
+# (BEAR.adam_step). On CUDA the graph is captured whole as a CUDA graph: no host sync, capturable Adam, and every
+# tensor the step updates in place at a fixed address.
+def compile_mode(device: torch.device) -> str | None:
+    """--compile's mode: on CUDA the step captured whole as a CUDA graph (reduce-overhead), else inductor's default."""
+    return "reduce-overhead" if device.type == "cuda" else None
+
+
+def compiled_update(agent: BEAR):
+    """agent._update compiled, drawing the eager update's random numbers (inductor's fallback_random)."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.config.trace_autograd_ops = True
+    inductor_config.fallback_random = True
+    mark_static(agent)
+    return torch.compile(agent._update, mode=compile_mode(agent.device))
+
+
+def mark_static(agent: BEAR) -> None:
+    """Every tensor the compiled step updates in place, at a fixed address: a CUDA graph (reduce-overhead) then
+    captures the step whole instead of skipping it for mutated inputs (tests/test_compile.py)."""
+    states = [t for opt in (agent.vae_opt, agent.actor_opt, agent.critic_opt, agent.alpha_opt)
+              for state in opt.state.values() for t in state.values()]
+    for t in [*states, *agent.target_critics.parameters(), agent.log_alpha, agent.step, agent.metric_sum,
+              agent.first_nonfinite]:
+        torch._dynamo.mark_static_address(t)
 
 
 # ============================================================================================== evaluation
